@@ -1,0 +1,161 @@
+"""Structured configs for every entry point, and the checks that run before any work.
+
+The dataclasses are registered in Hydra's ConfigStore as the schema of `conf/train.yaml`, so
+Hydra rejects unknown keys and wrongly typed values while composing. Range and choice checks
+live in `__post_init__` and run when `validate(cfg)` turns the composed config into objects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+MAPPING_NAMES = ("softmax", "sparsemax", "entmax15", "alpha_entmax")
+MAPPING_IMPLS = ("fast", "eager", "reference")
+SITES = ("encoder", "decoder", "cross")
+BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
+POSITION_EMBEDDINGS = ("sine", "learned")
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or not one of the valid choices."""
+
+
+def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+def check_range(key: str, value: float, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key}={value!r} is out of range; valid: {lo}, {hi}")
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"
+    dilation: bool = False            # dilate the last stage (DETR's DC5 variants)
+    pretrained: bool = False          # ImageNet weights; needs `weights` (nothing is downloaded)
+    weights: Optional[str] = None     # local file of torchvision ResNet weights
+    channels: int = 64                # width of the first stage of the `tiny` CNN
+
+    def __post_init__(self):
+        check_choice("backbone.name", self.name, BACKBONE_NAMES)
+        check_range("backbone.channels", self.channels, low=1)
+
+
+@dataclass
+class ModelConfig:
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    pre_norm: bool = False
+    aux_loss: bool = True
+    position_embedding: str = "sine"
+    num_classes: Optional[int] = None  # None: taken from the data set
+
+    def __post_init__(self):
+        for key in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries"):
+            check_range(f"model.{key}", getattr(self, key), low=1)
+        if self.hidden_dim % self.nheads:
+            raise ConfigError(f"model.hidden_dim={self.hidden_dim} must be divisible by model.nheads={self.nheads}")
+        check_range("model.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_choice("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        if self.num_classes is not None:
+            check_range("model.num_classes", self.num_classes, low=1)
+
+
+@dataclass
+class AttentionConfig:
+    """The mapping that the sites chosen by `placement` use, and its parameters."""
+    name: str = "softmax"
+    alpha: float = 1.5                # alpha_entmax: fixed alpha, or the initial one when learned
+    learn_alpha: bool = False         # alpha_entmax: one learned alpha per head and layer
+    impl: str = "fast"                # fast | eager | reference (the entmax package)
+
+    def __post_init__(self):
+        check_choice("attention.name", self.name, MAPPING_NAMES)
+        check_choice("attention.impl", self.impl, MAPPING_IMPLS)
+        check_range("attention.alpha", self.alpha, low=1.0, high=2.0, low_open=True)
+
+
+@dataclass
+class PlacementConfig:
+    """Which mapping each attention site uses; the placement group fills these from `attention.name`."""
+    name: str = "none"
+    encoder: str = "softmax"          # encoder self-attention
+    decoder: str = "softmax"          # decoder self-attention
+    cross: str = "softmax"            # decoder cross-attention
+
+    def __post_init__(self):
+        for site in SITES:
+            check_choice(f"placement.{site}", getattr(self, site), MAPPING_NAMES)
+
+
+@dataclass
+class LossConfig:
+    set_cost_class: float = 1.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    ce_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    eos_coef: float = 0.1
+
+    def __post_init__(self):
+        for key, value in vars(self).items():
+            check_range(f"loss.{key}", value, low=0.0)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def config_dir() -> Path:
+    """`conf/` of a source checkout or editable install, else the copy installed with the package."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    if (source / "train.yaml").is_file():
+        return source
+    return Path(__file__).resolve().parent / "conf"
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Run every type, choice and range check; raise ConfigError naming the key and valid values."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as error:  # omegaconf's own validation errors carry the key and value
+        raise ConfigError(str(error)) from error
+
+
+def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose the project's Hydra config with command-line style overrides, outside `@hydra.main`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=config_name, overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
