@@ -1,0 +1,64 @@
+"""Multi-head attention with a pluggable mapping from scores to weights.
+
+Parameter names and layout (`in_proj_weight`, `in_proj_bias`, `out_proj`) and the sequence-first
+tensor layout are those of `torch.nn.MultiheadAttention`, so DETR's weights load unchanged and
+the softmax mapping gives the torch module's numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_detr.models.mappings import attention_mapping
+
+
+class MultiheadAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, mapping: nn.Module | None = None):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.mapping = mapping if mapping is not None else attention_mapping("softmax")
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[L, B, E] -> [B, heads, L, head_dim]."""
+        length, batch, _ = x.shape
+        return x.reshape(length, batch, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """query [L, B, E], key/value [S, B, E], key_padding_mask [B, S] (True = padding).
+
+        Returns the output [L, B, E] and, with need_weights, the per-head weights [B, heads, L, S]
+        (before dropout; never averaged over heads).
+        """
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = self._split_heads(F.linear(query, w_q, b_q)) * (1.0 / math.sqrt(self.head_dim))
+        k = self._split_heads(F.linear(key, w_k, b_k))
+        v = self._split_heads(F.linear(value, w_v, b_v))
+        weights = self.mapping(q @ k.transpose(-2, -1), key_padding_mask=key_padding_mask)
+        dropped = F.dropout(weights, p=self.dropout, training=self.training)
+        out = (dropped @ v).permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.embed_dim)
+        return self.out_proj(out), (weights if need_weights else None)

@@ -1,0 +1,48 @@
+"""Reading and writing model weights in the original DETR's checkpoint format, without unpickling code.
+
+DETR's own checkpoints are `{"model": state_dict, ...}`; training checkpoints of DETR also carry
+`args` (an `argparse.Namespace`), which is the one non-tensor class we allow to be unpickled.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """torch.load with weights_only=True and DETR's `args` allowed; a clear error for anything else."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds objects that are not safe to load (only tensors, plain "
+            f"containers and argparse.Namespace are allowed): {error}"
+        ) from error
+
+
+def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The model's weights from a DETR-style checkpoint (`{"model": ...}`) or a bare state dict."""
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("not a model checkpoint: expected {'model': state_dict} or a state dict of tensors")
+    return state
+
+
+def load_detr_weights(model: nn.Module, path: str | Path, strict: bool = True):
+    """Load an official (or our own) DETR checkpoint into `model`; returns torch's key report."""
+    return model.load_state_dict(model_state_dict(read_checkpoint(path)), strict=strict)
+
+
+def save_detr_weights(model: nn.Module, path: str | Path) -> None:
+    """Write `{"model": state_dict}` as DETR's published checkpoints are."""
+    torch.save({"model": model.state_dict()}, path)

@@ -1,0 +1,169 @@
+"""DETR's encoder-decoder transformer, with one attention mapping per site.
+
+Sites: `encoder` (encoder self-attention), `decoder` (decoder self-attention) and `cross`
+(decoder cross-attention). Post-norm by default as in DETR, pre-norm on request; the decoder
+returns every layer's output for the auxiliary losses.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_detr.models.attention import MultiheadAttention
+
+MappingFactory = Callable[[], nn.Module]
+
+
+def with_pos(tensor: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    return tensor if pos is None else tensor + pos
+
+
+class TransformerEncoderLayer(nn.Module):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, normalize_before, mapping: nn.Module):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, mapping=mapping)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def forward(self, src, key_padding_mask, pos, need_weights=False):
+        """src, pos [HW, B, C]; key_padding_mask [B, HW] -> ([HW, B, C], weights [B, heads, HW, HW] | None)."""
+        x = self.norm1(src) if self.normalize_before else src
+        q = k = with_pos(x, pos)
+        attended, weights = self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=need_weights)
+        src = src + self.dropout1(attended)
+        if not self.normalize_before:
+            src = self.norm1(src)
+        x = self.norm2(src) if self.normalize_before else src
+        src = src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        if not self.normalize_before:
+            src = self.norm2(src)
+        return src, weights
+
+
+class TransformerDecoderLayer(nn.Module):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, normalize_before,
+                 self_mapping: nn.Module, cross_mapping: nn.Module):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, mapping=self_mapping)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, mapping=cross_mapping)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, need_weights=False):
+        """tgt, query_pos [Q, B, C]; memory, pos [HW, B, C] -> ([Q, B, C], self weights, cross weights)."""
+        x = self.norm1(tgt) if self.normalize_before else tgt
+        q = k = with_pos(x, query_pos)
+        attended, self_weights = self.self_attn(q, k, x, need_weights=need_weights)
+        tgt = tgt + self.dropout1(attended)
+        if not self.normalize_before:
+            tgt = self.norm1(tgt)
+        x = self.norm2(tgt) if self.normalize_before else tgt
+        attended, cross_weights = self.multihead_attn(
+            with_pos(x, query_pos), with_pos(memory, pos), memory,
+            key_padding_mask=memory_key_padding_mask, need_weights=need_weights,
+        )
+        tgt = tgt + self.dropout2(attended)
+        if not self.normalize_before:
+            tgt = self.norm2(tgt)
+        x = self.norm3(tgt) if self.normalize_before else tgt
+        tgt = tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        if not self.normalize_before:
+            tgt = self.norm3(tgt)
+        return tgt, self_weights, cross_weights
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, layers: list[TransformerEncoderLayer], norm: nn.Module | None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+    def forward(self, src, key_padding_mask, pos, need_weights=False):
+        weights = []
+        for layer in self.layers:
+            src, layer_weights = layer(src, key_padding_mask, pos, need_weights)
+            weights.append(layer_weights)
+        if self.norm is not None:
+            src = self.norm(src)
+        return src, weights
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, layers: list[TransformerDecoderLayer], norm: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, need_weights=False):
+        """-> (every layer's normed output [layers, Q, B, C], self weights, cross weights)."""
+        intermediate, self_weights, cross_weights = [], [], []
+        for layer in self.layers:
+            tgt, layer_self, layer_cross = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, need_weights)
+            intermediate.append(self.norm(tgt))
+            self_weights.append(layer_self)
+            cross_weights.append(layer_cross)
+        return torch.stack(intermediate), self_weights, cross_weights
+
+
+class Transformer(nn.Module):
+    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
+                 dropout=0.1, normalize_before=False, site_mappings: dict[str, MappingFactory] | None = None):
+        """site_mappings: for `encoder`, `decoder`, `cross`, a factory called once per layer, so
+        each layer owns its mapping (and its learned alphas); missing sites use softmax."""
+        super().__init__()
+        from sparse_detr.models.mappings import attention_mapping
+
+        factories = {site: (lambda: attention_mapping("softmax")) for site in ("encoder", "decoder", "cross")}
+        factories.update(site_mappings or {})
+        self.encoder = TransformerEncoder(
+            [TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before, factories["encoder"]())
+             for _ in range(num_encoder_layers)],
+            nn.LayerNorm(d_model) if normalize_before else None,
+        )
+        self.decoder = TransformerDecoder(
+            [TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before,
+                                     factories["decoder"](), factories["cross"]())
+             for _ in range(num_decoder_layers)],
+            nn.LayerNorm(d_model),
+        )
+        self.d_model = d_model
+        self.nhead = nhead
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for parameter in self.parameters():
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+
+    def forward(self, src, mask, query_embed, pos_embed, need_weights=False):
+        """src [B, C, h, w], mask [B, h, w], query_embed [Q, C], pos_embed [B, C, h, w] ->
+        decoder outputs [layers, B, Q, C], memory [B, C, h, w], and per-site lists of per-layer
+        attention weights ([B, heads, queries, keys], or None without need_weights)."""
+        batch, channels, height, width = src.shape
+        src = src.flatten(2).permute(2, 0, 1)
+        pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
+        query_pos = query_embed.unsqueeze(1).repeat(1, batch, 1)
+        mask = mask.flatten(1)
+        memory, encoder_weights = self.encoder(src, mask, pos_embed, need_weights)
+        hs, decoder_weights, cross_weights = self.decoder(
+            torch.zeros_like(query_pos), memory, mask, pos_embed, query_pos, need_weights
+        )
+        attention = {"encoder": encoder_weights, "decoder": decoder_weights, "cross": cross_weights}
+        return hs.transpose(1, 2), memory.permute(1, 2, 0).view(batch, channels, height, width), attention
