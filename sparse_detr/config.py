@@ -13,6 +13,9 @@ from typing import Any, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_detr.data.config import DataConfig
+from sparse_detr.tracking import LoggerConfig
+
 MAPPING_NAMES = ("softmax", "sparsemax", "entmax15", "alpha_entmax")
 MAPPING_IMPLS = ("fast", "eager", "reference")
 SITES = ("encoder", "decoder", "cross")
@@ -120,13 +123,70 @@ class LossConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW as in DETR; learned alphas get their own group (no weight decay, own learning rate)."""
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5         # 0 freezes the whole backbone
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1        # 0 turns gradient clipping off
+    alpha_lr_multiplier: float = 10.0
+    alpha_lr_drop: bool = True        # false keeps the alpha learning rate through lr_drop
+
+    def __post_init__(self):
+        check_range("optim.lr", self.lr, low=0.0, low_open=True)
+        for key in ("lr_backbone", "weight_decay", "clip_max_norm"):
+            check_range(f"optim.{key}", getattr(self, key), low=0.0)
+        check_range("optim.alpha_lr_multiplier", self.alpha_lr_multiplier, low=0.0, low_open=True)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 300
+    lr_drop: int = 200                # epoch at which every learning rate is multiplied by lr_drop_factor
+    lr_drop_factor: float = 0.1
+
+    def __post_init__(self):
+        check_range("schedule.epochs", self.epochs, low=1)
+        check_range("schedule.lr_drop", self.lr_drop, low=1)
+        check_range("schedule.lr_drop_factor", self.lr_drop_factor, low=0.0, high=1.0, low_open=True)
+
+
+@dataclass
+class LoopConfig:
+    device: str = "auto"              # auto (CUDA when visible) | cpu | cuda
+    amp: str = "none"                 # none | bf16 | fp16: autocast on CUDA; ignored with a warning on CPU
+    checkpoint_every: int = 0         # also checkpoint every N steps (0: at the end of each epoch only)
+    eval_every: int = 1               # evaluate every N epochs, and always after the last
+    max_steps: Optional[int] = None   # stop after this many optimizer steps in all
+    log_every: int = 10               # steps between logged training metrics
+    progress: str = "auto"            # auto (a bar on a terminal only) | on | off
+
+    def __post_init__(self):
+        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        check_choice("train.progress", self.progress, ("auto", "on", "off"))
+        for key in ("checkpoint_every", "log_every", "eval_every"):
+            check_range(f"train.{key}", getattr(self, key), low=0 if key == "checkpoint_every" else 1)
+        if self.max_steps is not None:
+            check_range("train.max_steps", self.max_steps, low=1)
+
+
+@dataclass
 class TrainConfig:
     seed: int = 42
+    output_dir: Optional[str] = None  # None: the folder Hydra made for this run
+    resume: Optional[str] = None      # a checkpoint to resume from (default: the run folder's own)
+    init_from: Optional[str] = None   # model weights only (e.g. an official DETR checkpoint)
+    train: LoopConfig = field(default_factory=LoopConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)

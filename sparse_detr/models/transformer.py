@@ -147,6 +147,14 @@ class Transformer(nn.Module):
         self.nhead = nhead
         self._reset_parameters()
 
+    def site_attention(self):
+        """Yield (site, layer index, MultiheadAttention) for every attention module."""
+        for index, layer in enumerate(self.encoder.layers):
+            yield "encoder", index, layer.self_attn
+        for index, layer in enumerate(self.decoder.layers):
+            yield "decoder", index, layer.self_attn
+            yield "cross", index, layer.multihead_attn
+
     def _reset_parameters(self) -> None:
         for parameter in self.parameters():
             if parameter.dim() > 1:

@@ -1,0 +1,191 @@
+"""One training epoch and one evaluation pass, as DETR's engine, plus what they log."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparse_detr.engine.progress import Progress
+from sparse_detr.matching.criterion import total_loss
+from sparse_detr.metrics.coco_eval import CocoEvaluator
+from sparse_detr.metrics.sparsity import SparsityAccumulator
+from sparse_detr.tracking import ALPHA, TRAIN, TRAIN_EXTRA, TRAIN_MAIN, alpha_key
+
+# Logged as the main series: DETR's weighted losses and its two error rates.
+MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
+ERROR_TERMS = ("class_error", "cardinality_error")
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the run stops before the step is applied."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0            # the epoch being run (or to run next)
+    batch_in_epoch: int = 0   # batches of `epoch` already trained on
+    global_step: int = 0      # optimizer steps since the start of the run, across resumes
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def to_device(images, mask, targets, device):
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor)
+    return dict(zip(keys, (tensor / dist.get_world_size()).tolist()))
+
+
+def learned_alphas(model: nn.Module) -> dict[str, float]:
+    """`alpha/<site>/layer_<l>/head_<h>` for every learned alpha."""
+    values = {}
+    for site, layer, attention in unwrap(model).transformer.site_attention():
+        mapping = attention.mapping
+        if getattr(mapping, "learn_alpha", False):
+            for head, value in enumerate(mapping.alpha.detach().cpu().tolist()):
+                values[alpha_key(site, layer, head)] = value
+    return values
+
+
+def training_metrics(losses: dict[str, torch.Tensor], weight_dict: dict[str, float], loss: float) -> dict[str, float]:
+    """Weighted main terms, unscaled and per-layer terms, under the tracker's group names."""
+    metrics = {f"{TRAIN_MAIN}/loss": loss}
+    for name, value in losses.items():
+        value = float(value)
+        metrics[f"{TRAIN}/{name}_unscaled"] = value
+        if name in weight_dict:
+            metrics[f"{TRAIN}/{name}"] = value * weight_dict[name]
+    for name in MAIN_TERMS:
+        metrics[f"{TRAIN_MAIN}/{name}"] = float(losses[name]) * weight_dict[name]
+    for name in ERROR_TERMS:
+        if name in losses:
+            metrics[f"{TRAIN_MAIN}/{name}"] = float(losses[name])
+    return metrics
+
+
+def train_one_epoch(model, criterion, loader, optimizer, state: TrainState, *, device, loop_cfg, clip_max_norm,
+                    tracker, on_step=None, scaler=None) -> dict[str, float]:
+    """Train until the loader is exhausted or `max_steps` is reached; returns epoch means of the main terms.
+
+    on_step(state) runs after every optimizer step (the trainer checkpoints there)."""
+    model.train()
+    criterion.train()
+    sums: dict[str, float] = {}
+    progress = Progress(len(loader), f"epoch {state.epoch}", loop_cfg.progress)
+    tick = time.perf_counter()
+    for images, mask, targets in loader:
+        data_time = time.perf_counter() - tick
+        images, mask, targets = to_device(images, mask, targets, device)
+        with autocast(device, loop_cfg.amp):
+            outputs = model(images, mask)
+        losses = criterion(_float(outputs), targets)
+        loss = total_loss(losses, criterion.weight_dict)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            raise NonFiniteLoss(f"loss is {loss_value} at global step {state.global_step + 1}: {terms}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        state.global_step += 1
+        state.batch_in_epoch += 1
+
+        metrics = training_metrics(losses, criterion.weight_dict, loss_value)
+        for key in (f"{TRAIN_MAIN}/loss", *(f"{TRAIN_MAIN}/{n}" for n in MAIN_TERMS + ERROR_TERMS)):
+            if key in metrics:
+                sums[key] = sums.get(key, 0.0) + metrics[key]
+        iteration_time = time.perf_counter() - tick
+        if state.global_step % loop_cfg.log_every == 0:
+            metrics = mean_across_ranks(metrics)
+            metrics.update({f"{TRAIN_EXTRA}/lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
+            metrics[f"{TRAIN_EXTRA}/iteration_time"] = iteration_time
+            metrics[f"{TRAIN_EXTRA}/data_time"] = data_time
+            if device.type == "cuda":
+                metrics[f"{TRAIN_EXTRA}/memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            metrics.update(learned_alphas(model))
+            tracker.log(metrics, step=state.global_step)
+        progress.update(loss=loss_value)
+        if on_step is not None:
+            on_step(state)
+        if loop_cfg.max_steps is not None and state.global_step >= loop_cfg.max_steps:
+            break
+        tick = time.perf_counter()
+    progress.close()
+    steps = max(1, state.batch_in_epoch)
+    return mean_across_ranks({key: value / steps for key, value in sums.items()})
+
+
+def _float(outputs: dict) -> dict:
+    """Losses are computed in float32, outside autocast, as DETR does."""
+    def cast(value):
+        if torch.is_tensor(value):
+            return value.float()
+        if isinstance(value, list):
+            return [cast(v) for v in value]
+        if isinstance(value, dict):
+            return {k: cast(v) for k, v in value.items()}
+        return value
+
+    return cast(outputs)
+
+
+@torch.no_grad()
+def evaluate(model, postprocessor, loader, evaluator: CocoEvaluator, *, device, loop_cfg,
+             sparsity: SparsityAccumulator | None = None) -> dict[str, float]:
+    """COCO metrics over the loader (rank 0 gets them; others an empty dict); attention sparsity
+    per site and layer goes into `sparsity` when given."""
+    model.eval()
+    progress = Progress(len(loader), "eval", loop_cfg.progress)
+    for images, mask, targets in loader:
+        images, mask, targets = to_device(images, mask, targets, device)
+        with autocast(device, loop_cfg.amp):
+            outputs = model(images, mask, return_attention=sparsity is not None)
+        sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocessor(_float(outputs), sizes)
+        evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+        if sparsity is not None:
+            keys = outputs["feature_mask"].flatten(1)
+            for site, layers in outputs["attention"].items():
+                for layer, weights in enumerate(layers):
+                    key_mask = None if site == "decoder" else keys
+                    query_mask = keys if site == "encoder" else None
+                    sparsity.update(site, layer, weights.float(), key_mask, query_mask)
+        progress.update()
+    progress.close()
+    evaluator.synchronize()
+    if sparsity is not None:
+        sparsity.synchronize()
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return {}
+    return evaluator.compute()

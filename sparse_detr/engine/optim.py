@@ -1,0 +1,45 @@
+"""DETR's AdamW parameter groups and step decay, with learned alphas in a group of their own."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ALPHA_SUFFIX = "pre_alpha"
+
+
+def parameter_groups(model: nn.Module, optim_cfg) -> list[dict]:
+    """Three groups, each named: transformer and heads (lr), backbone (lr_backbone), alphas
+    (lr x alpha_lr_multiplier, no weight decay: decay would pull alpha towards 1.5 for no reason)."""
+    groups = {"main": [], "backbone": [], "alpha": []}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name.endswith(ALPHA_SUFFIX):
+            groups["alpha"].append(parameter)
+        elif name.startswith("backbone."):
+            groups["backbone"].append(parameter)
+        else:
+            groups["main"].append(parameter)
+    settings = {
+        "main": {"lr": optim_cfg.lr, "weight_decay": optim_cfg.weight_decay},
+        "backbone": {"lr": optim_cfg.lr_backbone, "weight_decay": optim_cfg.weight_decay},
+        "alpha": {"lr": optim_cfg.lr * optim_cfg.alpha_lr_multiplier, "weight_decay": 0.0},
+    }
+    return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]
+
+
+def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameter_groups(model, optim_cfg), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, schedule_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-epoch step decay at `lr_drop`; the alpha group keeps its rate unless `alpha_lr_drop`."""
+    def decay(epoch: int) -> float:
+        return schedule_cfg.lr_drop_factor if epoch >= schedule_cfg.lr_drop else 1.0
+
+    def keep(epoch: int) -> float:
+        return 1.0
+
+    lambdas = [keep if group["name"] == "alpha" and not optim_cfg.alpha_lr_drop else decay
+               for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -1,0 +1,183 @@
+"""A whole training run: build, resume, train, checkpoint, evaluate; what `sparse-detr-train` runs."""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from sparse_detr.data import build_dataset
+from sparse_detr.data.collate import collate
+from sparse_detr.engine import distributed
+from sparse_detr.engine.checkpoint import (CHECKPOINT_NAME, atomic_save, load_training_checkpoint,
+                                           restore_rng_states, rng_states)
+from sparse_detr.engine.loop import TrainState, evaluate, learned_alphas, train_one_epoch, unwrap
+from sparse_detr.engine.optim import build_optimizer, build_scheduler
+from sparse_detr.engine.sampling import EpochSampler, SeededSamples
+from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
+from sparse_detr.metrics.sparsity import SparsityAccumulator
+from sparse_detr.models.detr import build_model
+from sparse_detr.models.detr_checkpoint import model_state_dict, read_checkpoint
+from sparse_detr.tracking import SPARSITY, TRAIN_EPOCH_MAIN, VAL_EPOCH, build_tracker
+
+log = logging.getLogger(__name__)
+METRICS_NAME = "eval_metrics.json"
+
+
+def make_loader(dataset, batch_size: int, num_workers: int, sampler: EpochSampler, drop_last: bool) -> DataLoader:
+    # A private generator: creating an iterator must not draw from the global stream (exact resume).
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last,
+                      num_workers=num_workers, generator=torch.Generator(), persistent_workers=False)
+
+
+def init_from_weights(model, path: str) -> None:
+    """Model weights only, for fine-tuning; a class head of another size is left re-initialised."""
+    weights = model_state_dict(read_checkpoint(path))
+    own = model.state_dict()
+    head = ("class_embed.weight", "class_embed.bias")
+    if all(k in weights for k in head) and weights[head[1]].shape != own[head[1]].shape:
+        log.warning("init_from: class head re-initialised (%d classes in the checkpoint, %d here)",
+                    weights[head[1]].shape[0] - 1, own[head[1]].shape[0] - 1)
+        for key in head:
+            del weights[key]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k not in head or k in weights]
+    if missing or unexpected:
+        raise ValueError(f"init_from={path!r} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def sparsity_metrics(values: dict) -> dict[str, float]:
+    """`sparsity/<site>/layer_<l>/<metric>` (head mean) from a SparsityAccumulator result."""
+    return {f"{SPARSITY}/{site}/layer_{layer}/{metric}": float(per_head.mean())
+            for (site, layer), metrics in values.items() for metric, per_head in metrics.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ctx = distributed.setup(cfg.train.device)
+        if self.ctx.device.type != "cuda" and cfg.train.amp != "none":
+            warnings.warn(f"train.amp={cfg.train.amp} applies to CUDA only; running in float32 on the CPU")
+        torch.manual_seed(cfg.seed)
+        self.model, self.criterion, self.postprocessor = build_model(cfg)
+        self.model.to(self.ctx.device)
+        self.criterion.to(self.ctx.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.schedule)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" and self.ctx.device.type == "cuda" else None
+        self.state = TrainState()
+        train_set = build_dataset(cfg.data, "train")
+        self.val_set = build_dataset(cfg.data, "val")
+        self.train_samples = SeededSamples(train_set, cfg.seed)
+        self.train_sampler = EpochSampler(len(train_set), cfg.seed, True, self.ctx.rank, self.ctx.world_size)
+        self.batches_per_epoch = len(self.train_sampler) // cfg.data.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(self.train_sampler)} "
+                             f"training images each process gets; lower it or add images")
+        self.val_sampler = EpochSampler(len(self.val_set), cfg.seed, False, self.ctx.rank, self.ctx.world_size)
+        self.tracker_run_id = None
+        self._restore()
+        if self.state.global_step == 0:  # same initial weights on every rank, then own dropout streams
+            torch.manual_seed(cfg.seed + self.ctx.rank)
+        self.network = self.model
+        if self.ctx.enabled:
+            device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.tracker = build_tracker(cfg.logger, self.run_dir, OmegaConf.to_container(cfg, resolve=True),
+                                     run_id=self.tracker_run_id, rank=self.ctx.rank)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+    def _restore(self) -> None:
+        """Resume from `resume=`, else from the run folder's own checkpoint; else `init_from=`."""
+        path = self.cfg.resume or (self.checkpoint_path if self.checkpoint_path.is_file() else None)
+        if path is None:
+            if self.cfg.init_from:
+                init_from_weights(self.model, self.cfg.init_from)
+            return
+        checkpoint = load_training_checkpoint(path)
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state = TrainState(**checkpoint["state"])
+        self.tracker_run_id = checkpoint.get("tracker_run_id")
+        restore_rng_states(checkpoint["rng"][min(self.ctx.rank, len(checkpoint["rng"]) - 1)])
+        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.global_step)
+
+    def save(self, state: TrainState | None = None) -> None:
+        """Every rank's random streams are gathered; rank 0 writes the file."""
+        states = [rng_states()]
+        if self.ctx.enabled:
+            states = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(states, rng_states())
+        if not self.ctx.is_main:
+            return
+        state = state or self.state
+        atomic_save({
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "state": vars(state).copy(),
+            "rng": states,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "tracker_run_id": self.tracker.run_id,
+        }, self.checkpoint_path)
+
+    def _on_step(self, state: TrainState) -> None:
+        every = self.cfg.train.checkpoint_every
+        if every and state.global_step % every == 0:
+            self.save(state)
+
+    def _max_steps_reached(self) -> bool:
+        return self.cfg.train.max_steps is not None and self.state.global_step >= self.cfg.train.max_steps
+
+    def evaluate(self) -> dict[str, float]:
+        loader = make_loader(self.val_set, self.cfg.data.batch_size, self.cfg.data.num_workers, self.val_sampler, False)
+        evaluator = CocoEvaluator(self.val_set.coco, self.val_set.label_to_category)
+        sparsity = SparsityAccumulator()
+        metrics = evaluate(self.network, self.postprocessor, loader, evaluator, device=self.ctx.device,
+                           loop_cfg=self.cfg.train, sparsity=sparsity)
+        if self.ctx.is_main:
+            write_metrics_json({**metrics, "epoch": self.state.epoch, "global_step": self.state.global_step},
+                               self.run_dir / METRICS_NAME)
+            self.tracker.log_epoch({f"{VAL_EPOCH}/{k}": v for k, v in metrics.items()}, epoch=self.state.epoch)
+            self.tracker.log(sparsity_metrics(sparsity.compute()), step=self.state.global_step)
+        return metrics
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        loader = make_loader(self.train_samples, cfg.data.batch_size, cfg.data.num_workers, self.train_sampler, True)
+        metrics: dict[str, float] = {}
+        while self.state.epoch < cfg.schedule.epochs and not self._max_steps_reached():
+            epoch = self.state.epoch
+            self.train_sampler.set_epoch(epoch, skip=self.state.batch_in_epoch * cfg.data.batch_size)
+            self.train_samples.epoch = epoch
+            means = train_one_epoch(self.network, self.criterion, loader, self.optimizer, self.state,
+                                    device=self.ctx.device, loop_cfg=cfg.train, clip_max_norm=cfg.optim.clip_max_norm,
+                                    tracker=self.tracker, on_step=self._on_step, scaler=self.scaler)
+            if self.state.batch_in_epoch < self.batches_per_epoch:  # stopped early by max_steps
+                self.save()
+                break
+            self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+            self.scheduler.step()
+            self.tracker.log_epoch({f"{TRAIN_EPOCH_MAIN}/{k.split('/')[-1]}": v for k, v in means.items()}, epoch=epoch)
+            if self.state.epoch % cfg.train.eval_every == 0 or self.state.epoch == cfg.schedule.epochs:
+                metrics = self.evaluate()
+            self.save()
+        if not metrics:
+            metrics = self.evaluate()
+        return metrics
+
+    def close(self, exit_code: int = 0) -> None:
+        self.tracker.finish(exit_code)
+        distributed.teardown()

@@ -1,0 +1,71 @@
+"""`sparse-detr-train`: train DETR with the attention mappings and placement the config chooses.
+
+    sparse-detr-train                                   # the CPU demo on the built-in shapes data
+    sparse-detr-train attention=entmax15 placement=cross
+    sparse-detr-train -m attention=softmax,sparsemax placement=encoder,cross
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_detr.config import ConfigError, config_dir, validate
+
+log = logging.getLogger("sparse_detr.train")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
+
+
+def record_run(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved config and the exact command line (appended: a resumed run adds a line)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    with open(run_dir / "command.txt", "a", encoding="utf-8") as handle:
+        handle.write(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Validate, then run (or resume) the training in its run folder; returns the final COCO metrics."""
+    validate(cfg)
+    from sparse_detr.engine.trainer import Trainer  # heavy imports after the config is known good
+
+    run_dir = run_dir_of(cfg)
+    record_run(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir)
+    try:
+        metrics = trainer.fit()
+    except BaseException:
+        trainer.close(exit_code=1)
+        raise
+    trainer.close()
+    if trainer.ctx.is_main:
+        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=None))
+        print(f"run folder: {run_dir.resolve()}")
+    return metrics
+
+
+@hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+def _main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except ConfigError as error:
+        log.error("invalid configuration: %s", error)
+        sys.exit(2)
+    return metrics.get("AP")
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()
