@@ -72,7 +72,7 @@ def training_metrics(losses: dict[str, torch.Tensor], weight_dict: dict[str, flo
     """Weighted main terms, unscaled and per-layer terms, under the tracker's group names."""
     metrics = {f"{TRAIN_MAIN}/loss": loss}
     for name, value in losses.items():
-        value = float(value)
+        value = float(value.detach())
         metrics[f"{TRAIN}/{name}_unscaled"] = value
         if name in weight_dict:
             metrics[f"{TRAIN}/{name}"] = value * weight_dict[name]
