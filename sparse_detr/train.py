@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shlex
 import sys
 from pathlib import Path
@@ -17,9 +16,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.config import ConfigError, config_dir, validate
-
-log = logging.getLogger("sparse_detr.train")
-
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
@@ -58,7 +54,7 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except ConfigError as error:
-        log.error("invalid configuration: %s", error)
+        print(f"error: invalid configuration: {error}", file=sys.stderr)
         sys.exit(2)
     return metrics.get("AP")
 

@@ -1,0 +1,57 @@
+"""Data sets for training and evaluation: `build_dataset(cfg.data, split)` and `num_classes(cfg.data)`.
+
+`data=shapes` (default, generated), `data=coco` (COCO 2017) and `data=coco_format` (any
+COCO-format folder) all load through `coco.CocoDetection`. Batch with `collate.collate`.
+"""
+from __future__ import annotations
+
+SPLITS = ("train", "val")
+
+
+def as_data_config(cfg):
+    """The `data` node (DictConfig, dict or DataConfig) as a checked DataConfig."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from sparse_detr.data.config import DataConfig
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    return cfg if isinstance(cfg, DataConfig) else DataConfig(**cfg)
+
+
+def build_dataset(cfg, split: str):
+    """The `split` ("train": augmented, "val": not) of the configured data set, checked before use.
+
+    ds[i] -> (image [3, H, W] float normalised with ImageNet mean/std, target dict with boxes [N, 4]
+    cxcywh in [0, 1], labels [N] int64, image_id, orig_size [2] and size [2] (h, w) int64).
+    """
+    from sparse_detr.data import coco, shapes
+    from sparse_detr.data.transforms import build_transforms
+
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; choose one of: {', '.join(SPLITS)}")
+    cfg = as_data_config(cfg)
+    if cfg.name == "coco":
+        images, annotations = coco.coco_paths(cfg.root, split)
+        label_to_category = list(range(coco.COCO_NUM_CLASSES))
+    else:
+        if cfg.name == "shapes":
+            images, annotations = shapes.shapes_paths(cfg, split)
+            train_annotations = shapes.shapes_paths(cfg, "train")[1]
+        else:
+            images, annotations = getattr(cfg, f"{split}_images"), getattr(cfg, f"{split}_annotations")
+            train_annotations = cfg.train_annotations
+        label_to_category = coco.category_ids(train_annotations)
+    return coco.CocoDetection(images, annotations, label_to_category, build_transforms(cfg, train=split == "train"))
+
+
+def num_classes(cfg) -> int:
+    """Number of classes without building the data set: 91 for COCO, else read from the categories."""
+    from sparse_detr.data import coco
+
+    cfg = as_data_config(cfg)
+    if cfg.name == "coco":
+        return coco.COCO_NUM_CLASSES
+    if cfg.name == "shapes":
+        return cfg.num_categories
+    return len(coco.category_ids(cfg.train_annotations))
