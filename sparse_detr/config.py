@@ -190,6 +190,8 @@ class TrainConfig:
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+# `+model.dropout=0.2,...` after the variant name in run folders, or nothing without overrides.
+OmegaConf.register_new_resolver("sparse_detr.suffix", lambda overrides: f"+{overrides}" if overrides else "", replace=True)
 
 
 def config_dir() -> Path:

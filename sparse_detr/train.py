@@ -29,12 +29,32 @@ def record_run(cfg: DictConfig, run_dir: Path) -> None:
         handle.write(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
 
 
+def variant_name(cfg: DictConfig) -> str:
+    """attention-placement-backbone-data[+other overrides]: what the run folder is named after."""
+    name = "-".join([cfg.attention.name, cfg.placement.name, cfg.backbone.name, cfg.data.name])
+    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return f"{name}+{overrides}" if overrides else name
+
+
+def name_tracking_run(cfg: DictConfig) -> None:
+    """W&B group = the variant (seeds aggregate), name = variant/seed, tags = the chosen groups;
+    values given in the config are kept."""
+    logger, variant = cfg.logger, variant_name(cfg)
+    logger.group = logger.group or variant
+    logger.run_name = logger.run_name or f"{variant}/seed_{cfg.seed}"
+    if not logger.tags:
+        experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+        logger.tags = [t for t in (experiment, cfg.attention.name, f"placement={cfg.placement.name}",
+                                   cfg.backbone.name, cfg.data.name) if t]
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, then run (or resume) the training in its run folder; returns the final COCO metrics."""
     validate(cfg)
     from sparse_detr.engine.trainer import Trainer  # heavy imports after the config is known good
 
     run_dir = run_dir_of(cfg)
+    name_tracking_run(cfg)
     record_run(cfg, run_dir)
     trainer = Trainer(cfg, run_dir)
     try:
