@@ -33,7 +33,7 @@ def test_resumed_training_continues_the_same_wandb_run_and_global_step(tmp_path)
     assert steps == sorted(steps) and steps[0] == 1 and steps[-1] == 8
     assert runs[0]["metrics"]["train-main-metrics/*"] == "global_step"
     assert runs[0]["metrics"]["val-epoch-metrics/*"] == "epoch"
-    assert runs[0]["run"].group == runs[1]["run"].group == "alpha_entmax-cross-tiny-shapes+attention.impl=eager"
+    assert runs[0]["run"].run_group == runs[1]["run"].run_group == "alpha_entmax-cross-tiny-shapes+attention.impl=eager"
     assert runs[0]["run"].display_name == "alpha_entmax-cross-tiny-shapes+attention.impl=eager/seed_42"
     logged = {key for run in runs for row in run["history"] for key in row}
     alphas = {key for key in logged if key.startswith("alpha/cross/")}
