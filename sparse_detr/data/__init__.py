@@ -49,9 +49,10 @@ def num_classes(cfg) -> int:
     """Number of classes without building the data set: 91 for COCO, else read from the categories."""
     from sparse_detr.data import coco
 
-    cfg = as_data_config(cfg)
-    if cfg.name == "coco":
+    name = cfg["name"] if isinstance(cfg, dict) else cfg.name
+    if name == "coco":  # known without the data on disk, so a COCO model builds anywhere
         return coco.COCO_NUM_CLASSES
+    cfg = as_data_config(cfg)
     if cfg.name == "shapes":
         return cfg.num_categories
     return len(coco.category_ids(cfg.train_annotations))

@@ -90,7 +90,7 @@ def test_learned_alphas_receive_gradients_and_are_the_only_extra_parameters(comp
 
 
 def r50_model():
-    cfg = load_config(["backbone=resnet50", "attention=softmax", "model.num_classes=91"])
+    cfg = load_config(["backbone=resnet50", "attention=softmax", "data=coco"])
     return build_model(cfg)[0]
 
 
