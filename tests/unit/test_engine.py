@@ -92,3 +92,47 @@ def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(compose):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    import pytest
+
+    from sparse_detr import load_config
+    from sparse_detr.engine.loop import NonFiniteLoss
+    from sparse_detr.engine.trainer import Trainer
+
+    cfg = load_config(["experiment=smoke", "train.checkpoint_every=1", "train.progress=off", "logger=none"])
+    trainer = Trainer(cfg, tmp_path)
+    criterion_forward, calls = trainer.criterion.forward, []
+
+    def poisoned(outputs, targets, **kwargs):
+        losses = criterion_forward(outputs, targets, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            losses["loss_giou"] = losses["loss_giou"] * float("nan")
+        return losses
+
+    trainer.criterion.forward = poisoned
+    with pytest.raises(NonFiniteLoss, match=r"global step 3: .*loss_giou=nan"):
+        trainer.fit()
+    trainer.close(exit_code=1)
+    kept = load_training_checkpoint(tmp_path / "checkpoint.pth")
+    assert kept["state"]["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_init_from_loads_weights_and_reinitialises_a_head_of_another_size(compose, tmp_path):
+    from sparse_detr.engine.trainer import init_from_weights
+    from sparse_detr.models.detr_checkpoint import save_detr_weights
+
+    torch.manual_seed(1)
+    source, _, _ = build_model(compose("model.num_classes=91"))
+    save_detr_weights(source, tmp_path / "detr.pth")
+    torch.manual_seed(2)
+    target, _, _ = build_model(compose())
+    head_before = target.class_embed.weight.clone()
+    init_from_weights(target, str(tmp_path / "detr.pth"))
+    assert torch.equal(target.class_embed.weight, head_before)
+    for key, value in source.state_dict().items():
+        if not key.startswith("class_embed"):
+            assert torch.equal(target.state_dict()[key], value), key
