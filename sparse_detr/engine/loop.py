@@ -13,7 +13,7 @@ from torch import nn
 from sparse_detr.engine.progress import Progress
 from sparse_detr.matching.criterion import total_loss
 from sparse_detr.metrics.coco_eval import CocoEvaluator
-from sparse_detr.metrics.sparsity import SparsityAccumulator
+from sparse_detr.metrics.sparsity import SparsityAccumulator, site_masks
 from sparse_detr.tracking import ALPHA, TRAIN, TRAIN_EXTRA, TRAIN_MAIN, alpha_key
 
 # Logged as the main series: DETR's weighted losses and its two error rates.
@@ -175,12 +175,9 @@ def evaluate(model, postprocessor, loader, evaluator: CocoEvaluator, *, device, 
         results = postprocessor(_float(outputs), sizes)
         evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
         if sparsity is not None:
-            keys = outputs["feature_mask"].flatten(1)
             for site, layers in outputs["attention"].items():
                 for layer, weights in enumerate(layers):
-                    key_mask = None if site == "decoder" else keys
-                    query_mask = keys if site == "encoder" else None
-                    sparsity.update(site, layer, weights.float(), key_mask, query_mask)
+                    sparsity.update(site, layer, weights.float(), *site_masks(site, outputs["feature_mask"]))
         progress.update()
     progress.close()
     evaluator.synchronize()

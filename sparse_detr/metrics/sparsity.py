@@ -86,6 +86,13 @@ def attention_sparsity(
     return {name: total / count for name, (total, count) in sums.items()}
 
 
+def site_masks(site: str, feature_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(key mask, query mask) of a site's weights, True on padding: encoder self-attention is over
+    the feature map both ways, cross-attention has padded keys only, decoder self-attention none."""
+    keys = feature_mask.flatten(1)
+    return {"encoder": (keys, keys), "cross": (keys, None), "decoder": (None, None)}[site]
+
+
 class SparsityAccumulator:
     """Sums and counts per (site, layer) over a validation pass.
 

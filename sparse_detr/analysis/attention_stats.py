@@ -1,0 +1,146 @@
+"""A trained model over a data split: COCO AP, attention sparsity per site/layer/head, and PAIBB.
+
+The metrics are those of `sparse_detr.metrics` (SparsityAccumulator, paibb, CocoEvaluator); this
+module only loads the model back from its checkpoint, runs it, and turns the results into rows.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Subset
+
+from sparse_detr.config import SITES, ConfigError, TrainConfig, validate
+from sparse_detr.data.collate import collate
+from sparse_detr.engine.checkpoint import load_training_checkpoint
+from sparse_detr.engine.loop import to_device
+from sparse_detr.metrics.coco_eval import CocoEvaluator
+from sparse_detr.metrics.sparsity import METRICS, SparsityAccumulator, paibb, site_masks
+from sparse_detr.models.detr import build_model
+
+SPARSITY_COLUMNS = ("site", "layer", "head", *METRICS)
+PAIBB_COLUMNS = ("layer", "head", "paibb", "pairs")
+
+
+@dataclass
+class TrainedModel:
+    cfg: DictConfig           # the run's config (with any overrides), validated
+    model: torch.nn.Module    # in eval mode, on the requested device
+    criterion: torch.nn.Module
+    postprocessor: torch.nn.Module
+    state: dict               # the training state saved with it: epoch, global_step, ...
+
+
+def load_trained_model(checkpoint: str | Path, overrides: Sequence[str] = (),
+                       device: str | torch.device = "cpu") -> TrainedModel:
+    """A `sparse-detr-train` checkpoint -> the model rebuilt from the checkpoint's saved config.
+
+    `overrides` (dotlist, e.g. "data.root=/data/coco") change that config first, for a data set
+    that moved or a smaller batch.
+    """
+    saved = load_training_checkpoint(checkpoint)
+    if not saved.get("config") or "model" not in saved:
+        raise ConfigError(f"checkpoint={str(checkpoint)!r} holds no saved config and model; "
+                          "analyze needs a checkpoint written by sparse-detr-train")
+    try:
+        changes = OmegaConf.from_dotlist(list(overrides))
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved["config"], changes)
+    except Exception as error:  # an unknown key or a badly typed value
+        raise ConfigError(f"overrides={list(overrides)}: {error}") from error
+    validate(cfg)
+    model, criterion, postprocessor = build_model(cfg)
+    model.load_state_dict(saved["model"])
+    return TrainedModel(cfg, model.to(device).eval(), criterion.to(device), postprocessor, saved.get("state", {}))
+
+
+def matched_pairs(criterion, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image (matched query ids [M], their ground-truth boxes [M, 4] cxcywh), by the criterion's matcher."""
+    matches = criterion.matcher(outputs, targets)
+    return [(queries, target["boxes"][boxes.to(target["boxes"].device)])
+            for (queries, boxes), target in zip(matches, targets)]
+
+
+@dataclass
+class AttentionStats:
+    """What one pass over a split measured."""
+    sparsity: dict[tuple[str, int], dict[str, torch.Tensor]]  # (site, layer) -> metric -> per head [heads]
+    paibb: dict[int, torch.Tensor] = field(default_factory=dict)  # decoder layer -> per pair and head [N, heads]
+    coco: dict[str, float] = field(default_factory=dict)
+    num_images: int = 0
+
+
+@torch.no_grad()
+def measure(model, criterion, postprocessor, dataset, *, num_images: int | None = None, batch_size: int = 4,
+            threshold: float = 1e-6, paibb_layers: Sequence[int] = (-1,), device="cpu") -> AttentionStats:
+    """Run the model over the first `num_images` of `dataset` (all if None), in order.
+
+    paibb_layers: decoder layers (negative counts from the last) whose cross-attention is scored
+    with PAIBB over the final layer's Hungarian matches (the query that ends up predicting a box).
+    """
+    count = len(dataset) if num_images is None else min(num_images, len(dataset))
+    loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    num_layers = len(model.transformer.decoder.layers)
+    layers = sorted({layer % num_layers for layer in paibb_layers})
+    evaluator = CocoEvaluator(dataset.coco, dataset.label_to_category)
+    sparsity = SparsityAccumulator(threshold)
+    pairs: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    model.eval()
+    for images, mask, targets in loader:
+        images, mask, targets = to_device(images, mask, targets, device)
+        outputs = model(images, mask, return_attention=True)
+        results = postprocessor(outputs, torch.stack([t["orig_size"] for t in targets]))
+        evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+        for site, weights in outputs["attention"].items():
+            for layer, layer_weights in enumerate(weights):
+                sparsity.update(site, layer, layer_weights.float(), *site_masks(site, outputs["feature_mask"]))
+        matches = matched_pairs(criterion, outputs, targets)
+        for layer in layers:
+            scores = paibb(outputs["attention"]["cross"][layer], outputs["feature_mask"], matches)
+            pairs[layer].append(scores["per_head"])
+    return AttentionStats(sparsity=sparsity.compute(), coco=evaluator.compute(), num_images=count,
+                          paibb={layer: torch.cat(parts) for layer, parts in pairs.items()})
+
+
+def sparsity_rows(stats: AttentionStats) -> list[dict]:
+    """One row per site, layer and head, plus a `head = "mean"` row per site and layer."""
+    rows = []
+    for (site, layer), metrics in sorted(stats.sparsity.items(), key=lambda kv: (SITES.index(kv[0][0]), kv[0][1])):
+        heads = len(next(iter(metrics.values())))
+        for head in [*range(heads), "mean"]:
+            values = {name: float(v.mean() if head == "mean" else v[head]) for name, v in metrics.items()}
+            rows.append({"site": site, "layer": layer, "head": head, **values})
+    return rows
+
+
+def paibb_rows(stats: AttentionStats) -> list[dict]:
+    """One row per decoder layer and head (and `head = "mean"`): PAIBB over the matched pairs."""
+    rows = []
+    for layer, per_pair in sorted(stats.paibb.items()):
+        for head, value in [*enumerate(per_pair.nanmean(0).tolist()), ("mean", float(per_pair.nanmean()))]:
+            rows.append({"layer": layer, "head": head, "paibb": value, "pairs": len(per_pair)})
+    return rows
+
+
+def site_summary(per_layer: dict[tuple[str, int], dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{(site, layer): {metric: head mean}} -> {site: {metric: mean over layers}} (every layer of a
+    site sees the same rows, so this is the mean over all of the site's rows)."""
+    summary: dict[str, dict[str, list[float]]] = {}
+    for (site, _), metrics in per_layer.items():
+        for name, value in metrics.items():
+            summary.setdefault(site, {}).setdefault(name, []).append(value)
+    return {site: {name: sum(v) / len(v) for name, v in metrics.items()} for site, metrics in summary.items()}
+
+
+def summary_of(stats: AttentionStats) -> dict[str, dict[str, float]]:
+    """Per site, each metric's mean over layers and heads; `cross` also gets `paibb` of the last
+    scored layer (head mean)."""
+    summary = site_summary({key: {name: float(v.mean()) for name, v in metrics.items()}
+                            for key, metrics in stats.sparsity.items()})
+    if stats.paibb:
+        last = stats.paibb[max(stats.paibb)]
+        summary.setdefault("cross", {})["paibb"] = float(last.nanmean())
+    return summary
+

@@ -1,0 +1,89 @@
+"""One row per run of a sweep, then one row per variant (seeds aggregated as mean and std).
+
+A variant is what the run's config says about attention, placement, backbone and data (plus any
+`extra_keys`); runs that differ only in `seed` are its repeats. The sparsity columns come from the
+run's `analysis/analysis.json` when `sparse-detr-analyze` ran, else from the `sparsity/...`
+metrics of the last evaluation in `metrics.jsonl` (those have no PAIBB).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from sparse_detr.analysis.attention_stats import site_summary
+from sparse_detr.analysis.run_folders import (ANALYSIS_DIR, ANALYSIS_NAME, EVAL_METRICS_NAME, logged_sparsity,
+                                              read_json, read_metrics_log, run_config, select, training_time_s)
+from sparse_detr.config import SITES
+from sparse_detr.tracking import SPARSITY
+
+VARIANT_COLUMNS = ("attention", "placement", "backbone", "data")
+TIME_COLUMN = "train_time_s"
+
+
+def variant_of(config: dict, extra_keys: Sequence[str] = ()) -> dict[str, str]:
+    """attention/placement/backbone/data labels of a run (+ extra keys). A run whose three sites
+    all use softmax is the softmax baseline, whatever `attention.name` says."""
+    mappings = {select(config, f"placement.{site}", "softmax") for site in SITES}
+    attention, placement = select(config, "attention.name", "?"), select(config, "placement.name", "?")
+    if mappings == {"softmax"}:
+        attention, placement = "softmax", "none"
+    elif attention == "alpha_entmax":
+        alpha = select(config, "attention.alpha")
+        attention += f" (learned, init {alpha})" if select(config, "attention.learn_alpha") else f" ({alpha})"
+    return {"attention": attention, "placement": placement, "backbone": str(select(config, "backbone.name", "?")),
+            "data": str(select(config, "data.name", "?")), **{key: str(select(config, key)) for key in extra_keys}}
+
+
+def sparsity_columns(metrics: Sequence[str]) -> list[str]:
+    """`<site>/<metric>` for every site, then `cross/paibb`."""
+    return [f"{site}/{metric}" for site in SITES for metric in metrics] + ["cross/paibb"]
+
+
+def run_record(run_dir: Path, coco_metrics: Sequence[str], sparsity_metrics: Sequence[str],
+               extra_keys: Sequence[str] = (), log: list[dict] | None = None) -> dict:
+    """One run: its variant, seed, COCO metrics (eval_metrics.json), per-site sparsity and training time.
+
+    log: the run's metrics.jsonl rows if already read (they need the `sparsity/` keys)."""
+    config = run_config(run_dir)
+    log = read_metrics_log(run_dir, prefixes=[SPARSITY + "/"]) if log is None else log
+    coco = read_json(run_dir / EVAL_METRICS_NAME) or {}
+    analysis = read_json(run_dir / ANALYSIS_DIR / ANALYSIS_NAME)
+    summary = analysis["summary"] if analysis else site_summary(logged_sparsity(log))
+    record = {"run": str(run_dir), "seed": config.get("seed"), **variant_of(config, extra_keys),
+              "sparsity_from": "analysis" if analysis else ("log" if summary else "")}
+    record.update({name: _number(coco.get(name)) for name in coco_metrics})
+    for column in sparsity_columns(sparsity_metrics):
+        site, metric = column.split("/")
+        record[column] = _number(summary.get(site, {}).get(metric))
+    record[TIME_COLUMN] = training_time_s(log)
+    return record
+
+
+def aggregate(records: Sequence[dict], value_columns: Sequence[str], variant_columns: Sequence[str]) -> list[dict]:
+    """One row per variant, sorted: the variant columns, `runs`, `seeds`, and for each value column
+    its mean (`<column>`) and sample std over the runs (`<column>_std`, NaN for a single run).
+    NaN values (a metric a run lacks) are left out of both."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault(tuple(record[c] for c in variant_columns), []).append(record)
+    rows = []
+    for key in sorted(groups, key=lambda k: tuple(map(str, k))):
+        runs = groups[key]
+        row = {**dict(zip(variant_columns, key)), "runs": len(runs),
+               "seeds": ";".join(sorted(str(r["seed"]) for r in runs))}
+        for column in value_columns:
+            row[column], row[f"{column}_std"] = mean_std([r[column] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    mean = statistics.fmean(finite) if finite else math.nan
+    return mean, statistics.stdev(finite) if len(finite) > 1 else math.nan
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)

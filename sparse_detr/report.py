@@ -1,0 +1,172 @@
+"""`sparse-detr-report`: one table of a sweep, COCO AP next to attention sparsity, per variant.
+
+    sparse-detr-report sweep_dir=multirun/2024-05-01/12-00-00          # searched for run folders
+    sparse-detr-report 'runs=[outputs/softmax_s1,outputs/softmax_s2,outputs/sparsemax_s1]' output_dir=report
+    sparse-detr-report sweep_dir=SWEEP 'variant_keys=[optim.lr]' 'curves=[val-epoch-metrics/AP]'
+
+Reads local files only (eval_metrics.json, config.yaml, metrics.jsonl, analysis/analysis.json).
+Writes into `output_dir` (default `<sweep_dir>/report`, else `./report`): report.md, report.csv
+(one row per variant, seeds as mean and std), runs.csv (one row per run) and figures/.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from sparse_detr.config import SITES, ConfigError, check_choice, check_range, config_dir, validate
+
+DEFAULT_CURVES = ["train-metrics/class_error_unscaled", "train-metrics/loss_bbox_unscaled", "val-epoch-metrics/AP"]
+
+
+@dataclass
+class ReportConfig:
+    sweep_dir: Optional[str] = None      # a sweep folder, searched recursively for run folders
+    runs: List[str] = field(default_factory=list)  # run folders (or more folders to search)
+    output_dir: Optional[str] = None     # None: <sweep_dir>/report, else ./report
+    variant_keys: List[str] = field(default_factory=list)  # more config keys that tell variants apart
+    # COCO metrics to tabulate; the first is the y axis of the AP-vs-sparsity plot
+    metrics: List[str] = field(default_factory=lambda: ["AP", "AP50", "AP75", "APs", "APm", "APl"])
+    sparsity_metrics: List[str] = field(default_factory=lambda: ["zero_ratio", "gini"])  # per site
+    scatter_metric: str = "zero_ratio"   # x axis of the AP-vs-sparsity plot (one of sparsity_metrics)
+    curves: List[str] = field(default_factory=lambda: list(DEFAULT_CURVES))  # metrics.jsonl keys to plot
+    formats: List[str] = field(default_factory=lambda: ["png", "pdf"])
+    dpi: int = 100
+
+    def __post_init__(self):
+        from sparse_detr.analysis.run_folders import axis_of
+        from sparse_detr.metrics.coco_eval import METRIC_NAMES
+        from sparse_detr.metrics.sparsity import METRICS
+        from sparse_detr.viz import FORMATS
+
+        if not self.sweep_dir and not self.runs:
+            raise ConfigError("give sweep_dir=FOLDER or runs=[RUN_FOLDER,...]")
+        for key, path in [("sweep_dir", self.sweep_dir)] + [("runs[]", run) for run in self.runs]:
+            if path and not Path(path).is_dir():
+                raise ConfigError(f"{key}={path!r}: no such folder")
+        if not self.metrics:
+            raise ConfigError(f"metrics=[] is empty; give some of: {', '.join(METRIC_NAMES)}")
+        for name in self.metrics:
+            check_choice("metrics[]", name, METRIC_NAMES)
+        for name in self.sparsity_metrics:
+            check_choice("sparsity_metrics[]", name, METRICS)
+        check_choice("scatter_metric", self.scatter_metric, self.sparsity_metrics)
+        for key in self.curves:
+            try:
+                axis_of(key)
+            except KeyError as error:
+                raise ConfigError(f"curves[]={key!r}: {error.args[0]}") from None
+        for fmt in self.formats:
+            check_choice("formats[]", fmt, FORMATS)
+        check_range("dpi", self.dpi, low=10)
+
+
+ConfigStore.instance().store(name="report_schema", node=ReportConfig)
+
+
+def cell(mean: float, std: float, digits: int = 3) -> str:
+    """`mean ± std`, `mean` for one run, an en dash for no value."""
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def duration(mean: float, std: float) -> str:
+    for unit, seconds in (("h", 3600), ("min", 60)):
+        if mean >= 2 * seconds:
+            return f"{cell(mean / seconds, std / seconds, 1)} {unit}"
+    return "–" if math.isnan(mean) else f"{cell(mean, std, 0)} s"
+
+
+def report(cfg: DictConfig) -> Path:
+    """Validate, collect every run folder, write the table, the CSVs and the figures; returns the folder."""
+    args: ReportConfig = validate(cfg)
+    from sparse_detr.analysis.run_folders import find_run_folders, read_metrics_log
+    from sparse_detr.analysis.sweep_table import (TIME_COLUMN, VARIANT_COLUMNS, aggregate, run_record,
+                                                  sparsity_columns)
+    from sparse_detr.analysis.tables import markdown_table, write_csv
+    from sparse_detr.tracking import SPARSITY
+
+    sources = [path for path in [args.sweep_dir, *args.runs] if path]
+    folders = find_run_folders(sources)
+    if not folders:
+        raise ConfigError(f"no run folders (with eval_metrics.json or checkpoint.pth) under {', '.join(sources)}")
+    out = Path(args.output_dir or (Path(args.sweep_dir) / "report" if args.sweep_dir else "report"))
+    variant_columns = [*VARIANT_COLUMNS, *args.variant_keys]
+    value_columns = [*args.metrics, *sparsity_columns(args.sparsity_metrics), TIME_COLUMN]  # mean and std per variant
+
+    records, logs = [], []
+    for folder in folders:
+        logs.append(read_metrics_log(folder, prefixes=[SPARSITY + "/", *args.curves]))
+        records.append(run_record(folder, args.metrics, args.sparsity_metrics, args.variant_keys, logs[-1]))
+    variants = aggregate(records, value_columns, variant_columns)
+    write_csv(out / "runs.csv", records, ["run", "seed", *variant_columns, "sparsity_from", *value_columns])
+    write_csv(out / "report.csv", variants,
+              [*variant_columns, "runs", "seeds", *(c for v in value_columns for c in (v, f"{v}_std"))])
+    figures = report_figures(args, variants, records, logs, variant_columns, out / "figures")
+
+    scores = [*args.metrics, *sparsity_columns(args.sparsity_metrics)]
+    table = markdown_table(
+        [*variant_columns, "runs", *scores, "training time"],
+        [[*(row[c] for c in variant_columns), row["runs"], *(cell(row[c], row[f"{c}_std"]) for c in scores),
+          duration(row[TIME_COLUMN], row[f"{TIME_COLUMN}_std"])] for row in variants])
+    from_analysis = sum(r["sparsity_from"] == "analysis" for r in records)
+    lines = [
+        "# Sweep report", "",
+        f"{len(records)} runs, {len(variants)} variants, from {', '.join(f'`{s}`' for s in sources)}.",
+        "Values are mean ± sample std over the runs (seeds) of a variant; COCO metrics from each run's "
+        "final evaluation (eval_metrics.json).",
+        f"Sparsity (mean over layers and heads per site): from `analysis/` for {from_analysis} runs, from the last "
+        f"evaluation logged in metrics.jsonl for the others (no PAIBB there).", "",
+        table, "",
+    ]
+    lines += [f"![{path.stem}]({path.relative_to(out)})" for path in figures if path.suffix == ".png"]
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(table)
+    print(f"report folder: {out.resolve()}")
+    return out
+
+
+def report_figures(args: ReportConfig, variants, records, logs, variant_columns, out: Path) -> list[Path]:
+    """AP against `scatter_metric` per site (variants), and training curves (runs, colored by variant)."""
+    from sparse_detr.viz import save_figure
+    from sparse_detr.viz.curves import training_curves_figure
+    from sparse_detr.viz.sparsity_plots import ap_vs_sparsity_figure
+
+    def label(row):
+        return " · ".join(str(row[c]) for c in variant_columns)
+
+    ap = args.metrics[0]
+    points = {site: [(label(v), v[f"{site}/{args.scatter_metric}"], v[f"{site}/{args.scatter_metric}_std"], v[ap],
+                      v[f"{ap}_std"]) for v in variants if not math.isnan(v[f"{site}/{args.scatter_metric}"])]
+              for site in SITES}
+    paths = save_figure(ap_vs_sparsity_figure(points, args.scatter_metric, ap), out / f"{ap}_vs_{args.scatter_metric}",
+                        args.formats, args.dpi)
+    if args.curves:
+        colors = {label(v): f"C{i % 10}" for i, v in enumerate(variants)}
+        runs = [(f"{label(r)} (seed {r['seed']})", colors[label(r)], log) for r, log in zip(records, logs)]
+        paths += save_figure(training_curves_figure(runs, args.curves), out / "training_curves", args.formats, args.dpi)
+    return paths
+
+
+@hydra.main(config_path=str(config_dir()), config_name="report", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    try:
+        report(cfg)
+    except ConfigError as error:
+        print(f"error: invalid configuration: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

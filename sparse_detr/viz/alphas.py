@@ -1,0 +1,64 @@
+"""The learned alpha of every head and layer: a heatmap of the trained model, and its trajectories
+over training (from `metrics.jsonl`)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from sparse_detr.analysis.run_folders import parse_site_key
+from sparse_detr.config import SITES
+from sparse_detr.viz import new_figure
+from sparse_detr.viz.sparsity_plots import SITE_TITLES
+
+
+def alpha_grids(alphas: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """{`alpha/<site>/layer_<l>/head_<h>`: value} (as `engine.loop.learned_alphas` gives and the
+    log holds) -> {site: [layers, heads]}, NaN where a layer has no learned alpha."""
+    cells = {parse_site_key(key): value for key, value in alphas.items()}
+    grids = {}
+    for site in SITES:
+        own = {(layer, int(head.removeprefix("head_"))): v for (s, layer, head), v in cells.items() if s == site}
+        if own:
+            grid = np.full((max(l for l, _ in own) + 1, max(h for _, h in own) + 1), np.nan)
+            for (layer, head), value in own.items():
+                grid[layer, head] = value
+            grids[site] = grid
+    return grids
+
+
+def alpha_heatmap_figure(grids: Mapping[str, np.ndarray]):
+    """One layer x head heatmap per site, each cell annotated with its alpha (colour scale 1 to 2)."""
+    figure, axes = new_figure(1, len(grids), cell=(3.5, 3.0))
+    for ax, (site, grid) in zip(axes[0], grids.items()):
+        image = ax.imshow(grid, vmin=1.0, vmax=2.0, cmap="coolwarm", aspect="auto")
+        for (layer, head), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(head, layer, f"{value:.3f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_yticks(range(grid.shape[0]))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"alpha, {SITE_TITLES.get(site, site)}", fontsize=9)
+    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    return figure
+
+
+def alpha_trajectories_figure(trajectories: Mapping[str, list]):
+    """Rows: sites; columns: layers; one line per head against global_step.
+
+    trajectories: `run_folders.alpha_trajectories(rows)`, {site: [(layer, steps, [per head values])]}."""
+    cols = max(len(layers) for layers in trajectories.values())
+    figure, axes = new_figure(len(trajectories), cols, cell=(3.0, 2.5), sharey=True)
+    for row, (site, layers) in enumerate(trajectories.items()):
+        for col, (layer, steps, heads) in enumerate(layers):
+            ax = axes[row, col]
+            for head, values in enumerate(heads):
+                ax.plot(steps, values, label=f"head {head}")
+            ax.set_title(f"{site}, layer {layer}", fontsize=9)
+            ax.set_xlabel("global_step")
+            ax.set_ylabel("alpha")
+        for col in range(len(layers), cols):
+            axes[row, col].set_visible(False)
+    axes[0, 0].legend(fontsize=7)
+    return figure

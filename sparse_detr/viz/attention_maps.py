@@ -1,0 +1,84 @@
+"""Detections and decoder cross-attention maps drawn over the image.
+
+Coordinates are those of the image the model saw (after the val transforms): boxes are xyxy
+pixels of that image, and an attention map covers the unpadded part of the feature map, stretched
+over the whole image (each feature cell is an equal share of the image, as PAIBB counts it).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from matplotlib.patches import Rectangle
+
+from sparse_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sparse_detr.viz import new_figure
+
+GT_COLOR, PRED_COLOR = "lime", "red"
+Boxes = Sequence[tuple[Sequence[float], str, str]]  # (xyxy box, color, caption)
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """A normalised [3, H, W] image tensor -> [H, W, 3] floats in [0, 1] for imshow."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image.detach().cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def query_attention_maps(outputs: dict, query: int, image: int = 0) -> np.ndarray:
+    """Cross-attention of one query of one image in every decoder layer and head, on the image's
+    unpadded feature map: outputs of `model(..., return_attention=True)` -> [layers, heads, h, w]."""
+    mask = outputs["feature_mask"][image]  # [H, W], True on padding
+    rows, cols = int((~mask).any(1).sum()), int((~mask).any(0).sum())
+    weights = torch.stack([layer[image, :, query] for layer in outputs["attention"]["cross"]])  # [L, heads, H*W]
+    return weights.reshape(*weights.shape[:2], *mask.shape)[..., :rows, :cols].detach().float().cpu().numpy()
+
+
+def draw_boxes(ax, boxes: Boxes) -> None:
+    for (x0, y0, x1, y1), color, caption in boxes:
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
+        if caption:  # ground truth captioned below its box, predictions above
+            below = color == GT_COLOR
+            ax.text(x0, y1 if below else y0, caption, color="black", fontsize=7, va="top" if below else "bottom",
+                    bbox={"facecolor": color, "alpha": 0.7, "pad": 1, "linewidth": 0})
+
+
+def show_image(ax, picture: np.ndarray, boxes: Boxes = (), title: str = "") -> None:
+    ax.imshow(picture)
+    draw_boxes(ax, boxes)
+    ax.set_title(title, fontsize=8)
+    ax.set_axis_off()
+
+
+def detections_figure(picture: np.ndarray, boxes: Boxes, title: str = "", size: float = 5.0):
+    """The image with ground-truth and predicted boxes, one panel."""
+    figure, axes = new_figure(cell=(size, size * picture.shape[0] / picture.shape[1]))
+    show_image(axes[0, 0], picture, boxes, title)
+    return figure
+
+
+def cross_attention_figure(picture: np.ndarray, maps: np.ndarray, boxes: Boxes = (), title: str = "",
+                           cell: float = 2.0):
+    """One row per decoder layer: the image with `boxes`, then each head's map over it.
+
+    maps: [layers, heads, h, w]. Each map is coloured from 0 to its own maximum; exact zeros are
+    left transparent, so a sparse map shows its support as the coloured cells.
+    """
+    layers, heads, h, w = maps.shape
+    height, width = picture.shape[:2]
+    figure, axes = new_figure(layers, heads + 1, cell=(cell, cell * height / width))
+    for layer in range(layers):
+        show_image(axes[layer, 0], picture, boxes, f"layer {layer}")
+        for head in range(heads):
+            values = maps[layer, head]
+            ax = axes[layer, head + 1]
+            ax.imshow(picture)
+            ax.imshow(np.ma.masked_equal(values, 0.0), extent=(0, width, height, 0), cmap="inferno",
+                      alpha=0.6, vmin=0.0, vmax=max(float(values.max()), 1e-12), interpolation="nearest")
+            draw_boxes(ax, [(box, color, "") for box, color, _ in boxes])
+            ax.set_title(f"head {head}: {int((values > 0).sum())}/{h * w} cells", fontsize=8)
+            ax.set_axis_off()
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return figure
