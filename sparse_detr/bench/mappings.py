@@ -1,0 +1,182 @@
+"""Benchmark the attention mappings against softmax: time, memory, first call, attention block.
+
+    python -m sparse_detr.bench.mappings [--repeats N] [--quick] [--threads T]
+
+Prints Markdown tables. Shapes are DETR's attention sites at batch 2, 8 heads: encoder
+self-attention (850 x 850 tokens, a ~800 x 1088 image after the stride-32 backbone), decoder
+cross-attention (100 queries x 850 keys) and decoder self-attention (100 x 100).
+- time: median of `y = f(x); y.backward(g)` in float32; all candidates of a shape run
+  round-robin within each repeat, so a busy machine slows them alike and the ratio to softmax
+  stays meaningful.
+- memory: bytes held between forward and backward (tensors saved for backward plus the output,
+  counted once per storage). This is what grows with depth when a model trains; on CUDA the
+  peak allocation above the inputs (torch.cuda.max_memory_allocated) is reported as well.
+- first call: the first forward+backward at that shape in this process; for "fast" the first
+  shape includes compiling (inductor's on-disk cache, if warm, shortens it). Later shapes reuse
+  the kernel: a first call close to the median shows there was no recompilation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from sparse_detr.models.mappings import attention_mapping
+
+SHAPES = {"encoder": (850, 850), "cross": (100, 850), "decoder-self": (100, 100)}
+BATCH, HEADS, HEAD_DIM = 2, 8, 32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _candidates(quick: bool) -> dict[str, torch.nn.Module]:
+    """name -> mapping module; alpha-entmax with one learned alpha per head (init 1.5)."""
+    impls = ("fast",) if quick else ("fast", "eager", "reference")
+    out = {"softmax": attention_mapping("softmax")}
+    for name in ("sparsemax", "entmax15", "alpha_entmax"):
+        extra = {"learn_alpha": True, "num_heads": HEADS} if name == "alpha_entmax" else {}
+        for impl in impls:
+            out[f"{name} ({impl})"] = attention_mapping(name, impl=impl, **extra)
+    return out
+
+
+def _retained_bytes(step_forward) -> int:
+    """Bytes alive between forward and backward: saved tensors + output, one count per storage."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        leaves, y = step_forward()
+    for leaf in leaves:  # inputs and parameters exist anyway
+        storages.pop(leaf.untyped_storage().data_ptr(), None)
+    storages[y.untyped_storage().data_ptr()] = y.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def _measure(steps: dict, repeats: int, device: torch.device) -> dict[str, dict]:
+    """steps: name -> (forward() -> (leaves, output), grad). Round-robin timing + memory."""
+    stats = {name: {"times": []} for name in steps}
+    for name, (forward, grad) in steps.items():  # first call, one candidate at a time
+        _sync(device)
+        start = time.perf_counter()
+        leaves, y = forward()
+        y.backward(grad)
+        _sync(device)
+        stats[name]["first"] = time.perf_counter() - start
+        stats[name]["retained"] = _retained_bytes(forward)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            leaves, y = forward()
+            y.backward(grad)
+            stats[name]["peak"] = torch.cuda.max_memory_allocated(device) - base
+        del leaves, y
+    for _ in range(repeats):
+        for name, (forward, grad) in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            _, y = forward()
+            y.backward(grad)
+            _sync(device)
+            stats[name]["times"].append(time.perf_counter() - start)
+    for s in stats.values():
+        s["median"] = statistics.median(s["times"])
+    return stats
+
+
+def _table(title: str, stats_by_shape: dict[str, dict], device: torch.device) -> str:
+    cuda = device.type == "cuda"
+    head = "| mapping | shape | median fwd+bwd (ms) | x softmax | memory (MB) | x softmax | first call (s) |"
+    rule = "|---|---|---:|---:|---:|---:|---:|"
+    if cuda:
+        head += " CUDA peak x softmax |"
+        rule += "---:|"
+    lines = [f"### {title}", "", head, rule]
+    names = list(next(iter(stats_by_shape.values())))
+    for name in names:
+        for shape, stats in stats_by_shape.items():
+            s, soft = stats[name], stats["softmax"]
+            row = (f"| {name} | {shape} | {s['median'] * 1e3:.2f} | {s['median'] / soft['median']:.2f} | "
+                   f"{s['retained'] / 2**20:.1f} | {s['retained'] / soft['retained']:.2f} | {s['first']:.2f} |")
+            if cuda:
+                row += f" {s['peak'] / max(soft['peak'], 1):.2f} |"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def mapping_section(args, device: torch.device) -> str:
+    """The mapping alone: scores [2, 8, queries, keys] -> probabilities, forward + backward."""
+    results = {}
+    for shape, (queries, keys) in SHAPES.items():
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, HEADS, queries, keys, generator=gen).to(device).requires_grad_()
+        grad = torch.randn(BATCH, HEADS, queries, keys, generator=gen).to(device)
+        steps = {}
+        for name, module in _candidates(args.quick).items():
+            module.to(device)
+            steps[name] = ((lambda m=module: ([x, *m.parameters()], m(x))), grad)
+        results[f"{queries}x{keys}"] = _measure(steps, args.repeats, device)
+    return _table("Mapping forward+backward, float32", results, device)
+
+
+def attention_section(args, device: torch.device) -> str:
+    """The attention block: softmax(Q K^T / sqrt(d)) V with key padding, forward + backward.
+
+    Every batch element pads its last 10% of keys, as batched images of different sizes do."""
+    results = {}
+    candidates = _candidates(quick=True)
+    for shape, (queries, keys) in SHAPES.items():
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(BATCH, HEADS, n, HEAD_DIM, generator=gen).to(device).requires_grad_()
+                   for n in (queries, keys, keys))
+        mask = torch.zeros(BATCH, keys, dtype=torch.bool, device=device)
+        mask[:, keys - keys // 10:] = True
+        grad = torch.randn(BATCH, HEADS, queries, HEAD_DIM, generator=gen).to(device)
+
+        def block(m):
+            weights = m(q @ k.transpose(-2, -1) / math.sqrt(HEAD_DIM), key_padding_mask=mask)
+            return [q, k, v, *m.parameters()], weights @ v
+
+        steps = {name: ((lambda m=module.to(device): block(m)), grad) for name, module in candidates.items()}
+        results[f"{queries}x{keys}"] = _measure(steps, args.repeats, device)
+    return _table("Attention block (QK^T, key padding, mapping, @V) forward+backward, float32", results, device)
+
+
+# Each section: (args, device) -> Markdown. A model training-step section can be appended here.
+SECTIONS = [mapping_section, attention_section]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats per candidate (median)")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, only the fast impl and softmax")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats = min(args.repeats, 3)
+    device = torch.device(args.device)
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    print(f"machine: {platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, device {device}, load average {load}, "
+          f"compile {'off' if os.environ.get('SPARSE_DETR_COMPILE') == '0' else 'on'}, repeats {args.repeats}\n")
+    for section in SECTIONS:
+        print(section(args, device), end="\n\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

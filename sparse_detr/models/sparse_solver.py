@@ -1,0 +1,318 @@
+"""Exact threshold solvers for sparsemax, entmax-1.5 and alpha-entmax over the last dim.
+
+All three mappings are p_i = [z_i - tau]_+ ^ q with z = (alpha - 1) (x - max x), q = 1 / (alpha - 1)
+and the threshold tau chosen so that sum(p) = 1 (alpha = 2: sparsemax, alpha = 1.5: entmax-1.5).
+The entmax package finds tau by sorting (slow on CPU) or by 25-50 bisection passes; here a few
+Newton passes find it. Every pass is elementwise math plus row sums, which `torch.compile` turns
+into one vectorised loop, and nothing of the scores' size is stored except the output.
+
+Why this is fast and exact (c = [z - tau]_+):
+- Newton runs on phi(tau) = ||c||_q - 1, convex and decreasing, so from below it rises
+  monotonically without overshooting. The q-norm (rather than sum(c^q) - 1) is nearly linear
+  in tau for every alpha, and exactly piecewise linear for sparsemax, where Newton is exact
+  once the support stops changing.
+- Start: tau* >= -1 (z is shifted to max 0), and for any set T of entries, by the power-mean
+  inequality, tau* >= mean_T(z) - |T|^(-1/q). The best of a few nested sets T = {z > level} is a
+  start close to tau*, so 2-4 passes usually suffice.
+- Sparsemax and entmax-1.5 end with the closed-form threshold on the support Newton found (the
+  formula the sort-based algorithm uses); the result is certified exact when that threshold
+  keeps the same support. alpha-entmax pays a log and an exp per element per pass, so it takes
+  Halley steps (cubic; the extra derivative costs one division) and is certified when
+  sum(p) = 1 to rounding.
+- Rows without a certificate continue from their last threshold, on those rows only; rows still
+  uncertified after RETRIES rounds (float32 rounding can flip between two supports forever) are
+  solved by the sort-based algorithm or by bisection.
+Backward needs only the output p: with w = p^(2 - alpha) (the support indicator for sparsemax),
+dx = w * (g - sum(g w) / sum(w)); the alpha gradient is the closed form of Correia et al. 2019
+(as in entmax.EntmaxBisectFunction), reduced to row sums.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch.autograd.function import once_differentiable
+
+KINDS = ("sparsemax", "entmax15", "alpha_entmax")
+# Passes per round: enough for typical attention rows, so most calls need a single round.
+STEPS = {"sparsemax": 3, "entmax15": 3, "alpha_entmax": 2}
+RETRIES = 2
+# Nested candidate sets {z > level} for the starting lower bound (the support lies in (-1, 0]).
+_LEVELS = (-1.0, -0.5, -0.25)
+
+
+# --- forward kernels: rows x [rows, n], alpha [rows, 1] or None, tau0 [rows, 1] a lower bound
+# --- (or a previous iterate) -> (p, ok [rows, 1]: certified, tau [rows, 1] to continue from)
+
+
+def _shifted(x: torch.Tensor, alpha) -> torch.Tensor:
+    """z = (alpha - 1) (x - max), clipped below at -2: since tau* >= -1, no entry <= -1 is in
+    the support, and -2 keeps the clipped entries clear of the threshold (no rounding ties).
+
+    The clip keeps -inf (masked keys) out of every sum; a row of only -inf becomes all -2 and
+    yields p = 0. Shifting first keeps the differences exact at every score scale."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    return ((x - m) * (alpha - 1)).clamp(min=-2.0)
+
+
+def _start(z: torch.Tensor, q, tau0: torch.Tensor) -> torch.Tensor:
+    """Lower bound on tau*: the best of tau0, -1 and mean_T(z) - |T|^(-1/q), T = {z > level}."""
+    tau = tau0.clamp(min=-1.0)
+    for level in _LEVELS:
+        inside = z > level
+        k = inside.to(z.dtype).sum(-1, keepdim=True).clamp(min=1)
+        mean = torch.where(inside, z, torch.zeros_like(z)).sum(-1, keepdim=True) / k
+        tau = torch.maximum(tau, mean - k ** (-1 / q))
+    return tau
+
+
+def _support_moments(z: torch.Tensor, tau: torch.Tensor, squares: bool):
+    """Over the support {z > tau}: size, sum, sum of squares (or None) and minimum (inf if empty).
+
+    The minimum certifies a threshold t computed from these moments without another pass:
+    if min > t >= tau, the support of t is the same set, so t is exact."""
+    inside = z > tau
+    zs = torch.where(inside, z, torch.zeros_like(z))
+    k = inside.to(z.dtype).sum(-1, keepdim=True)
+    z_min = torch.where(inside, z, torch.full_like(z, float("inf"))).amin(-1, keepdim=True)
+    return k, zs.sum(-1, keepdim=True), (zs * zs).sum(-1, keepdim=True) if squares else None, z_min
+
+
+def _sparsemax_forward(x, alpha, tau0, steps: int):
+    """Newton (Michelot) steps tau <- (sum_S z - 1) / |S|; exact once S stops changing."""
+    z = _shifted(x, 2.0)
+    tau = _start(z, 1.0, tau0)
+    ok = torch.zeros_like(tau, dtype=torch.bool)
+    for _ in range(steps):
+        k, s, _, z_min = _support_moments(z, tau, squares=False)
+        new = (s - 1) / k.clamp(min=1)
+        ok, tau = (z_min > new) & (new >= tau), new
+    return (z - tau).clamp(min=0), ok, tau
+
+
+def _entmax15_forward(x, alpha, tau0, steps: int):
+    """Newton on ||c||_2 = 1 (steps - 1 times), then the exact quadratic root on the support."""
+    z = _shifted(x, 1.5)
+    tau = _start(z, 2.0, tau0)
+    ok = torch.zeros_like(tau, dtype=torch.bool)
+    root = tau
+    for i in range(steps):
+        k, s1, s2, z_min = _support_moments(z, tau, squares=True)
+        if i < steps - 1:  # ||c||^2 = s2 - 2 tau s1 + k tau^2, d||c||/dtau = -sum(c) / ||c||
+            norm = (s2 - 2 * tau * s1 + k * tau * tau).clamp(min=0).sqrt()
+            tau = tau + (norm - 1) * norm / (s1 - k * tau).clamp(min=torch.finfo(z.dtype).tiny)
+        else:  # sum_S (z - root)^2 = 1; may overshoot, so Newton's tau stays the lower bound
+            kc = k.clamp(min=1)
+            mean = s1 / kc
+            root = mean - ((1 - (s2 - s1 * mean)) / kc).clamp(min=0).sqrt()
+            ok = (z_min > root) & (root >= tau)
+    c = (z - root).clamp(min=0)
+    return c * c, ok, tau
+
+
+def _alpha_forward(x, alpha, tau0, steps: int):
+    """Halley steps on ||c||_q = 1, then p at the last tau: certified when sum(p) = 1 to
+    rounding, and not renormalised, so writing p and summing it is a single pass."""
+    z = _shifted(x, alpha)
+    q = 1 / (alpha - 1)
+    tau = _start(z, q, tau0)
+    for i in range(steps + 1):
+        c = (z - tau).clamp(min=0)
+        d = torch.where(c > 0, torch.exp((q - 1) * torch.log(c)), torch.zeros_like(c))  # c^(q-1)
+        p = d * c
+        total = p.sum(-1, keepdim=True)
+        if i == steps:
+            break
+        a = d.sum(-1, keepdim=True)
+        b = torch.where(c > 0, d / c, torch.zeros_like(c)).sum(-1, keepdim=True)  # sum c^(q-2)
+        # phi = N - 1, N = total^(1/q); phi' = -a / N^(q-1); phi'' = (q-1) N^(1-q) (b - a^2 / total)
+        norm = total ** (1 / q)
+        newton = (norm - 1) * norm ** (q - 1) / a
+        curvature = (norm - 1) * (q - 1) * norm ** (q - 1) * (b - a * a / total) / (a * a)
+        halley = newton / (1 - curvature / 2)
+        use_halley = (curvature < 1) & torch.isfinite(halley)
+        tau = tau + torch.where(use_halley, halley, newton).nan_to_num(0.0)
+    tol = 8 * torch.finfo(x.dtype).eps * torch.clamp(q, min=1)
+    ok = ((total - 1).abs() <= tol) | (total == 0)  # total == 0: a row of only -inf
+    return p, ok, tau
+
+
+_FORWARD = {"sparsemax": _sparsemax_forward, "entmax15": _entmax15_forward, "alpha_entmax": _alpha_forward}
+
+
+# --- exact fallbacks (eager, only for rows that never got a certificate) ---------------------
+
+
+def _sort_tau(z: torch.Tensor, q: float) -> torch.Tensor:
+    """Sort-based exact threshold (Martins & Astudillo 2016; Peters et al. 2019), rows z [rows, n]."""
+    zs = z.sort(-1, descending=True).values
+    rho = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype, device=z.device)
+    mean = zs.cumsum(-1) / rho
+    if q == 1.0:
+        taus = mean - 1 / rho
+    else:
+        mean_sq = (zs * zs).cumsum(-1) / rho
+        taus = mean - ((1 - rho * (mean_sq - mean * mean)) / rho).clamp(min=0).sqrt()
+    support = (taus < zs).sum(-1, keepdim=True).clamp(min=1)
+    return taus.gather(-1, support - 1)
+
+
+def _bisect_tau(z: torch.Tensor, q: torch.Tensor, iters: int) -> torch.Tensor:
+    """Bisection for tau in [-1, 0] on sum([z - tau]_+^q) = 1, rows z [rows, n]."""
+    lo = torch.full_like(z[:, :1], -1.0)
+    width = 1.0
+    for _ in range(iters):
+        width /= 2
+        mid = lo + width
+        lo = torch.where(((z - mid).clamp(min=0) ** q).sum(-1, keepdim=True) >= 1, mid, lo)
+    return lo
+
+
+def _exact_rows(kind: str, x: torch.Tensor, alpha) -> torch.Tensor:
+    """The mapping of rows x by sorting (sparsemax, entmax-1.5) or bisection (alpha-entmax)."""
+    if kind == "alpha_entmax":
+        z = _shifted(x, alpha)
+        q = 1 / (alpha - 1)
+        p = (z - _bisect_tau(z, q, iters=30 if x.dtype == torch.float32 else 60)).clamp(min=0) ** q
+        return p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+    a = 2.0 if kind == "sparsemax" else 1.5
+    z = _shifted(x, a)
+    return (z - _sort_tau(z, 1 / (a - 1))).clamp(min=0) ** (1 / (a - 1))
+
+
+# --- backward: output p, upstream gradient g [rows, n] -------------------------------------------
+
+
+def _dx(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    gw = g * w
+    return gw - w * (gw.sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny))
+
+
+def _sparsemax_backward(p, g):
+    return _dx((p > 0).to(p.dtype), g)
+
+
+def _entmax15_backward(p, g):
+    return _dx(p.sqrt(), g)
+
+
+def _alpha_backward_sums(p, g, alpha, need_alpha: bool):
+    """w = p^(2-alpha), r = sum(g w) / sum(w) and d alpha [rows, 1] (or None) in one pass.
+
+    w is returned (not recomputed) because it costs a log and an exp per element."""
+    positive = p > 0
+    logp = torch.where(positive, torch.log(p), torch.zeros_like(p))
+    w = torch.where(positive, torch.exp((2 - alpha) * logp), torch.zeros_like(p))
+    r = (g * w).sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+    if not need_alpha:
+        return w, r, None
+    # d alpha = sum g [(p - w/sw) / (alpha-1)^2 - (p log p - w/sw H) / (alpha-1)], H = sum p log p
+    plogp = p * logp
+    am1 = alpha - 1
+    gp = (g * p).sum(-1, keepdim=True)
+    gplogp = (g * plogp).sum(-1, keepdim=True)
+    ent = plogp.sum(-1, keepdim=True)
+    return w, r, (gp - r) / (am1 * am1) - (gplogp - r * ent) / am1
+
+
+def _alpha_backward_dx(w, g, r):
+    """dx = w (g - r), written over w."""
+    return w.mul_(g - r)
+
+
+# --- compilation -------------------------------------------------------------------------------
+
+_COMPILED: dict = {}
+_COMPILE_FAILED = False
+
+
+def compile_enabled() -> bool:
+    """False when SPARSE_DETR_COMPILE=0, or after compilation failed once in this process."""
+    return not _COMPILE_FAILED and os.environ.get("SPARSE_DETR_COMPILE", "1") != "0"
+
+
+def _run(fn, *args, compiled: bool):
+    """fn(*args), or a process-wide torch.compile(fn, dynamic=True) built on first use.
+
+    dynamic=True and no duck sizing (equal sizes are not assumed to stay equal, e.g. 850 queries
+    x 850 keys) let one kernel serve every image size. If compilation fails (no C++ compiler,
+    unsupported platform) warn once and stay eager: same algorithm, same answer."""
+    global _COMPILE_FAILED
+    if compiled and compile_enabled():
+        try:
+            if fn not in _COMPILED:
+                _COMPILED[fn] = torch.compile(fn, dynamic=True)
+            with fx_config.patch(use_duck_shape=False):
+                return _COMPILED[fn](*args)
+        except Exception as err:  # any compiler failure; the eager path below is the same math
+            _COMPILE_FAILED = True
+            warnings.warn(
+                f"sparse_detr: compiling the attention mapping failed ({type(err).__name__}: {err}); "
+                "using the eager solver (set SPARSE_DETR_COMPILE=0 to skip compiling).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return fn(*args)
+
+
+def solve(kind: str, x: torch.Tensor, alpha, *, compiled: bool, steps: int | None = None) -> torch.Tensor:
+    """Mapping `kind` of rows x [rows, n] (alpha [rows, 1] for alpha_entmax, else None).
+
+    Rounds of `steps` passes (default STEPS[kind]); each round after the first continues the
+    uncertified rows only, and the exact fallback takes whatever is left after RETRIES."""
+    steps = STEPS[kind] if steps is None else steps
+    p, ok, tau = _run(_FORWARD[kind], x, alpha, torch.full_like(x[:, :1], -1.0), steps, compiled=compiled)
+    todo = (~ok).squeeze(-1).nonzero().squeeze(-1)
+    tau = tau[todo]
+    for _ in range(RETRIES):
+        if todo.numel() == 0:
+            return p
+        a = None if alpha is None else alpha[todo]
+        p_todo, ok, tau = _run(_FORWARD[kind], x[todo], a, tau, steps, compiled=compiled)
+        p[todo] = p_todo
+        keep = (~ok).squeeze(-1)
+        todo, tau = todo[keep], tau[keep]
+    if todo.numel():
+        p[todo] = _exact_rows(kind, x[todo], None if alpha is None else alpha[todo])
+    return p
+
+
+class EntmaxFunction(torch.autograd.Function):
+    """Rows x [rows, n] -> p [rows, n]; alpha [rows, 1] for "alpha_entmax", else None.
+
+    Saves only p (like softmax), so the memory held for backward matches softmax's."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, kind: str, compiled: bool, steps: int | None):
+        p = solve(kind, x, alpha, compiled=compiled, steps=steps)
+        ctx.kind, ctx.compiled = kind, compiled
+        ctx.save_for_backward(p, alpha)
+        return p
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        p, alpha = ctx.saved_tensors
+        g = g.contiguous()
+        if ctx.kind == "sparsemax":
+            return _run(_sparsemax_backward, p, g, compiled=ctx.compiled), None, None, None, None
+        if ctx.kind == "entmax15":
+            return _run(_entmax15_backward, p, g, compiled=ctx.compiled), None, None, None, None
+        w, r, da = _run(_alpha_backward_sums, p, g, alpha, ctx.needs_input_grad[1], compiled=ctx.compiled)
+        return _run(_alpha_backward_dx, w, g, r, compiled=ctx.compiled), da, None, None, None
+
+
+def entmax_rows(x: torch.Tensor, kind: str, alpha=None, *, compiled: bool, steps: int | None = None) -> torch.Tensor:
+    """Mapping `kind` (one of KINDS) over the last dim of x [..., n].
+
+    alpha (alpha_entmax only): a float, or a tensor broadcastable to x[..., :1], e.g.
+    [1, heads, 1, 1] for one alpha per head; a tensor that requires grad gets its gradient."""
+    rows = x.reshape(-1, x.shape[-1])
+    if kind == "alpha_entmax":
+        alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device)  # a float stays exact in float64
+        alpha = alpha.expand(*x.shape[:-1], 1).reshape(-1, 1).contiguous()
+    return EntmaxFunction.apply(rows, alpha, kind, compiled, steps).view(x.shape)
