@@ -6,9 +6,10 @@ live in `__post_init__` and run when `validate(cfg)` turns the composed config i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -172,6 +173,20 @@ class LoopConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where the run executes. The scheduler's settings live in `hydra.launcher` (see conf/cluster/);
+    this is what the training process itself needs to know."""
+    name: str = "local"
+    preempt_signals: List[str] = field(default_factory=lambda: ["USR2"])  # checkpoint, then requeue
+
+    def __post_init__(self):
+        from sparse_detr.engine.preemption import signal_names  # no torch import
+
+        for name in self.preempt_signals:
+            check_choice("cluster.preempt_signals", name, signal_names())
+
+
+@dataclass
 class TrainConfig:
     seed: int = 42
     output_dir: Optional[str] = None  # None: the folder Hydra made for this run
@@ -187,11 +202,14 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 # `+model.dropout=0.2,...` after the variant name in run folders, or nothing without overrides.
 OmegaConf.register_new_resolver("sparse_detr.suffix", lambda overrides: f"+{overrides}" if overrides else "", replace=True)
+# `${sparse_detr.product:${hydra.launcher.nodes},${hydra.launcher.tasks_per_node}}`: GPUs of a SLURM job.
+OmegaConf.register_new_resolver("sparse_detr.product", lambda *factors: math.prod(int(f) for f in factors), replace=True)
 
 
 def config_dir() -> Path:

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import sys
@@ -60,7 +61,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         metrics = trainer.fit()
     except BaseException:
-        trainer.close(exit_code=1)
+        with contextlib.suppress(Exception):  # the error that stopped training is the one to report
+            trainer.close(exit_code=1)
         raise
     trainer.close()
     if trainer.ctx.is_main:

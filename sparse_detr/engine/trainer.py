@@ -17,6 +17,7 @@ from sparse_detr.engine.checkpoint import (CHECKPOINT_NAME, atomic_save, load_tr
                                            restore_rng_states, rng_states)
 from sparse_detr.engine.loop import TrainState, evaluate, learned_alphas, train_one_epoch, unwrap
 from sparse_detr.engine.optim import build_optimizer, build_scheduler
+from sparse_detr.engine.preemption import PreemptionGuard
 from sparse_detr.engine.sampling import EpochSampler, SeededSamples
 from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
 from sparse_detr.metrics.sparsity import SparsityAccumulator
@@ -90,6 +91,8 @@ class Trainer:
             self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.tracker = build_tracker(cfg.logger, self.run_dir, OmegaConf.to_container(cfg, resolve=True),
                                      run_id=self.tracker_run_id, rank=self.ctx.rank)
+        # SLURM's warning before the time limit (or a preemption): checkpoint after the step, then requeue.
+        self.preemption = PreemptionGuard(cfg.cluster.preempt_signals).install()
 
     @property
     def checkpoint_path(self) -> Path:
@@ -137,6 +140,14 @@ class Trainer:
         every = self.cfg.train.checkpoint_every
         if every and state.global_step % every == 0:
             self.save(state)
+        if self.preemption.requested(self.ctx):
+            self.preemption.stop(lambda: self._save_for_requeue(state), f"step {state.global_step}",
+                                 str(self.checkpoint_path))
+
+    def _save_for_requeue(self, state: TrainState) -> None:
+        """Checkpoint, and flush the tracker now: a requeue kills the tracker's helper processes."""
+        self.save(state)
+        self.tracker.finish()
 
     def _max_steps_reached(self) -> bool:
         return self.cfg.train.max_steps is not None and self.state.global_step >= self.cfg.train.max_steps
@@ -179,5 +190,6 @@ class Trainer:
         return metrics
 
     def close(self, exit_code: int = 0) -> None:
+        self.preemption.uninstall()
         self.tracker.finish(exit_code)
         distributed.teardown()

@@ -1,0 +1,191 @@
+"""Sweeps on the local SLURM test cluster through hydra-submitit-launcher (`cluster=local_slurm`):
+every run of a grid ends with its metrics, a run signalled before its time limit checkpoints, is
+requeued and finishes from its checkpoint in the same tracking run, and `sparse-detr-sweep status`
+follows it all. Run with:
+
+    python -m pytest -m slurm tests/integration/test_sweeps.py -p no:cacheprovider
+
+The launcher blocks until every job has ended, so each sweep runs in a background process that the
+test polls (and ends, with its jobs, if the test fails).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
+from sparse_detr.sweep import sbatch_script
+
+pytestmark = pytest.mark.slurm
+
+BASE = ["experiment=smoke", "cluster=local_slurm", "train.progress=off"]
+
+
+@contextlib.contextmanager
+def sweep_process(slurm_cluster, cwd: Path, sweep_dir: Path, *overrides: str) -> Iterator[subprocess.Popen]:
+    """`sparse-detr-train -m ...` in the background; on the way out, whatever happened, it is
+    stopped and the jobs it submitted are cancelled."""
+    log = open(cwd / "sweep.log", "w")
+    command = [sys.executable, "-m", "sparse_detr.train", "-m", *BASE, *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        yield process
+    except BaseException:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for job_id in job_ids(sweep_dir):  # (the launcher returns as soon as results are written;
+            slurm_cluster.run("scancel", job_id, check=False)  # jobs still finishing are left alone)
+        raise
+    finally:
+        log.close()
+
+
+def job_ids(sweep_dir: Path) -> list[str]:
+    folder = sweep_dir / ".submitit"
+    return sorted(p.name for p in folder.iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)) if folder.is_dir() else []
+
+
+def wait_for_exit(slurm_cluster, process: subprocess.Popen, cwd: Path, timeout_s: float) -> None:
+    slurm_cluster.wait_until(lambda: process.poll() is not None, timeout_s, "the sweep to end")
+    assert process.returncode == 0, (cwd / "sweep.log").read_text()[-4000:]
+
+
+def sweep_status(sweep_dir: Path) -> list[dict]:
+    result = subprocess.run([sys.executable, "-m", "sparse_detr.sweep", "status", "--json", str(sweep_dir)],
+                            capture_output=True, text=True, timeout=60, check=True)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def sbatch_lines(text: str) -> list[str]:
+    return sorted(line for line in text.splitlines() if line.startswith("#SBATCH"))
+
+
+def test_a_two_run_sweep_runs_on_the_cluster_as_the_profile_says(slurm_cluster, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    grid = ["attention=softmax,sparsemax", "placement=cross"]
+    with sweep_process(slurm_cluster, tmp_path, sweep_dir, *grid) as process:
+        wait_for_exit(slurm_cluster, process, tmp_path, timeout_s=240)
+
+    runs = {f"{name}-cross-tiny-shapes/seed_42" for name in ("softmax", "sparsemax")}
+    for run in runs:
+        metrics = json.loads((sweep_dir / run / "eval_metrics.json").read_text())
+        assert metrics["epoch"] == 2 and metrics["global_step"] == 16 and "AP" in metrics
+    # The launcher returns when the results are written; the jobs end a moment later.
+    statuses = slurm_cluster.wait_until(
+        lambda: (st := sweep_status(sweep_dir)) and all(s["scheduler"] == "COMPLETED" for s in st) and st,
+        30, "sacct to say COMPLETED")
+    assert {s["run"] for s in statuses} == runs
+    assert all(s["state"] == "done" for s in statuses), statuses
+    (array,) = {s["job"].split("_")[0] for s in statuses}
+    assert sorted(s["job"] for s in statuses) == [f"{array}_0", f"{array}_1"]
+    expected = {("COMPLETED", "sparse", "debug", "1")}
+    slurm_cluster.wait_until(  # slurmdbd fills some fields a moment after the state
+        lambda: {(r["State"], r["Account"], r["Partition"], r["AllocCPUS"])
+                 for r in slurm_cluster.sacct(array, "JobID,State,Account,Partition,AllocCPUS")} == expected,
+        30, f"sacct to show {expected}")
+    # What `sparse-detr-sweep sbatch` shows is what the launcher submitted.
+    (submitted,) = (sweep_dir / ".submitit").glob("*/*_submission.sh")
+    preview = sbatch_script([*BASE, "attention=softmax", "placement=cross", f"hydra.sweep.dir={sweep_dir}"], num_jobs=2)
+    assert sbatch_lines(submitted.read_text()) == sbatch_lines(preview)
+
+
+def test_the_twelve_run_grid_runs_and_can_be_followed(slurm_cluster, tmp_path):
+    """The grid of the README (4 mappings x 3 placements), one epoch each."""
+    sweep_dir = tmp_path / "sweep"
+    mappings, placements = ["softmax", "sparsemax", "entmax15", "alpha_entmax"], ["encoder", "decoder", "cross"]
+    grid = [f"attention={','.join(mappings)}", f"placement={','.join(placements)}", "schedule.epochs=1"]
+    seen_states: set[str] = set()
+    with sweep_process(slurm_cluster, tmp_path, sweep_dir, *grid) as process:
+        def finished() -> bool:
+            if (sweep_dir / "sweep_runs.json").is_file():
+                seen_states.update(s["state"] for s in sweep_status(sweep_dir))
+            return process.poll() is not None
+        slurm_cluster.wait_until(finished, 300, "the 12-run sweep to end", interval_s=3)
+        assert process.returncode == 0, (tmp_path / "sweep.log").read_text()[-4000:]
+
+    statuses = slurm_cluster.wait_until(
+        lambda: (st := sweep_status(sweep_dir)) and all(s["scheduler"] == "COMPLETED" for s in st) and st,
+        30, "sacct to say COMPLETED")
+    expected = {f"{m}-{p}-tiny-shapes+schedule.epochs=1/seed_42" for m in mappings for p in placements}
+    assert {s["run"] for s in statuses} == expected
+    assert all(s["state"] == "done" and s["epoch"] == 1 and s["ap"] is not None for s in statuses), statuses
+    assert len({s["job"] for s in statuses}) == 12
+    for run in expected:
+        assert (sweep_dir / run / "eval_metrics.json").is_file() and (sweep_dir / run / "metrics.jsonl").is_file()
+    assert "running" in seen_states or "pending" in seen_states, seen_states
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return load_training_checkpoint(path)["state"]["global_step"]
+    except Exception:  # not there yet, or being replaced
+        return -1
+
+
+def test_a_signalled_run_checkpoints_is_requeued_and_finishes_from_its_checkpoint(slurm_cluster, tmp_path):
+    import submitit
+
+    sweep_dir = tmp_path / "sweep"
+    epochs, steps_per_epoch = 20, 8
+    overrides = ["attention=softmax,sparsemax", "placement=cross", f"schedule.epochs={epochs}",
+                 "logger=wandb", "logger.mode=offline"]
+    run_dir = sweep_dir / f"softmax-cross-tiny-shapes+schedule.epochs={epochs}/seed_42"
+    with sweep_process(slurm_cluster, tmp_path, sweep_dir, *overrides) as process:
+        slurm_cluster.wait_until(lambda: checkpoint_step(run_dir / CHECKPOINT_NAME) >= steps_per_epoch, 180,
+                                 "the first checkpoint of the run")
+        status = {s["run"]: s for s in sweep_status(sweep_dir)}
+        job_id = status[str(run_dir.relative_to(sweep_dir))]["job"]
+        assert status[str(run_dir.relative_to(sweep_dir))]["state"] == "running"
+        # What SLURM sends before the time limit (USR2 only, as submitit's own tests do it).
+        job = submitit.SlurmJob(folder=sweep_dir / ".submitit" / "%j", job_id=job_id)
+        job._interrupt(timeout=True)
+
+        states: list[str] = []
+
+        def back_and_running() -> bool:
+            state = slurm_cluster.state(job_id)
+            if not states or states[-1] != state:
+                states.append(state)
+            return "resumed from" in (run_dir / "train.log").read_text()
+
+        slurm_cluster.wait_until(back_and_running, 120, "the requeued run to resume", interval_s=0.5)
+        assert {"REQUEUED", "PENDING"} & set(states), states
+        wait_for_exit(slurm_cluster, process, tmp_path, timeout_s=240)
+
+    log = (run_dir / "train.log").read_text()
+    signalled = re.search(r"received SIGUSR2 at step (\d+): checkpoint saved", log)
+    resumed = re.search(r"resumed from .* at epoch \d+, step (\d+)", log)
+    assert signalled and resumed, log[-3000:]
+    assert steps_per_epoch <= int(signalled.group(1)) == int(resumed.group(1)) < epochs * steps_per_epoch
+    # Nothing lost, nothing repeated: the logged steps only go up, to the end.
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["global_step"] for row in lines if "train-main-metrics/loss" in row]
+    assert steps == sorted(set(steps)) and steps[-1] == epochs * steps_per_epoch
+    assert json.loads((run_dir / "eval_metrics.json").read_text())["epoch"] == epochs
+    # The same W&B run continued: two offline segments with one run id.
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and len({s.name.rsplit("-", 1)[1] for s in segments}) == 1, segments
+    assert load_training_checkpoint(run_dir / CHECKPOINT_NAME)["tracker_run_id"] == segments[0].name.rsplit("-", 1)[1]
+
+    slurm_cluster.wait_until(lambda: slurm_cluster.state(job_id) == "COMPLETED", 30, "sacct to say COMPLETED")
+    assert [r["State"] for r in slurm_cluster.sacct(job_id, duplicates=True)] == ["REQUEUED", "COMPLETED"]
+    final = slurm_cluster.wait_until(
+        lambda: (st := sweep_status(sweep_dir)) and all(s["state"] == "done" for s in st) and {s["run"]: s for s in st},
+        30, "every run to be done")
+    assert final[str(run_dir.relative_to(sweep_dir))]["requeues"] == 1
