@@ -70,17 +70,17 @@ def learned_alphas(model: nn.Module) -> dict[str, float]:
 
 def training_metrics(losses: dict[str, torch.Tensor], weight_dict: dict[str, float], loss: float) -> dict[str, float]:
     """Weighted main terms, unscaled and per-layer terms, under the tracker's group names."""
+    values = {name: float(value.detach()) for name, value in losses.items()}
     metrics = {f"{TRAIN_MAIN}/loss": loss}
-    for name, value in losses.items():
-        value = float(value.detach())
+    for name, value in values.items():
         metrics[f"{TRAIN}/{name}_unscaled"] = value
         if name in weight_dict:
             metrics[f"{TRAIN}/{name}"] = value * weight_dict[name]
     for name in MAIN_TERMS:
-        metrics[f"{TRAIN_MAIN}/{name}"] = float(losses[name]) * weight_dict[name]
+        metrics[f"{TRAIN_MAIN}/{name}"] = values[name] * weight_dict[name]
     for name in ERROR_TERMS:
-        if name in losses:
-            metrics[f"{TRAIN_MAIN}/{name}"] = float(losses[name])
+        if name in values:
+            metrics[f"{TRAIN_MAIN}/{name}"] = values[name]
     return metrics
 
 
