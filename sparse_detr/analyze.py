@@ -10,7 +10,6 @@ The model is rebuilt from the config saved in the checkpoint. Writes into `outpu
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -19,7 +18,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sparse_detr.config import SITES, ConfigError, check_choice, check_range, config_dir, validate
+from sparse_detr.config import SITES, ConfigError, check_choice, check_range, config_dir, reports_config_errors, validate
 from sparse_detr.data import SPLITS
 
 
@@ -192,12 +191,9 @@ def summary_markdown(trained, args: AnalyzeConfig, stats, alphas: dict[str, floa
 
 
 @hydra.main(config_path=str(config_dir()), config_name="analyze", version_base="1.3")
+@reports_config_errors
 def _main(cfg: DictConfig) -> None:
-    try:
-        analyze(cfg)
-    except ConfigError as error:
-        print(f"error: invalid configuration: {error}", file=sys.stderr)
-        sys.exit(2)
+    analyze(cfg)
 
 
 def main() -> None:

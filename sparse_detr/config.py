@@ -7,9 +7,11 @@ live in `__post_init__` and run when `validate(cfg)` turns the composed config i
 from __future__ import annotations
 
 import math
+import functools
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -210,6 +212,20 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 OmegaConf.register_new_resolver("sparse_detr.suffix", lambda overrides: f"+{overrides}" if overrides else "", replace=True)
 # `${sparse_detr.product:${hydra.launcher.nodes},${hydra.launcher.tasks_per_node}}`: GPUs of a SLURM job.
 OmegaConf.register_new_resolver("sparse_detr.product", lambda *factors: math.prod(int(f) for f in factors), replace=True)
+
+
+def reports_config_errors(entry_point: Callable) -> Callable:
+    """For `@hydra.main` functions: a ConfigError ends the program with one line on stderr naming
+    the key, the value and the valid choices, and exit status 2, instead of a traceback."""
+    @functools.wraps(entry_point)
+    def run(*args, **kwargs):
+        try:
+            return entry_point(*args, **kwargs)
+        except ConfigError as error:
+            print(f"error: invalid configuration: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return run
 
 
 def config_dir() -> Path:

@@ -11,7 +11,6 @@ Writes into `output_dir` (default `<sweep_dir>/report`, else `./report`): report
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -20,7 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from sparse_detr.config import SITES, ConfigError, check_choice, check_range, config_dir, validate
+from sparse_detr.config import SITES, ConfigError, check_choice, check_range, config_dir, reports_config_errors, validate
 
 DEFAULT_CURVES = ["train-metrics/class_error_unscaled", "train-metrics/loss_bbox_unscaled", "val-epoch-metrics/AP"]
 
@@ -156,12 +155,9 @@ def report_figures(args: ReportConfig, variants, records, logs, variant_columns,
 
 
 @hydra.main(config_path=str(config_dir()), config_name="report", version_base="1.3")
+@reports_config_errors
 def _main(cfg: DictConfig) -> None:
-    try:
-        report(cfg)
-    except ConfigError as error:
-        print(f"error: invalid configuration: {error}", file=sys.stderr)
-        sys.exit(2)
+    report(cfg)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_detr.config import ConfigError, config_dir, validate
+from sparse_detr.config import config_dir, reports_config_errors, validate
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
@@ -72,13 +72,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+@reports_config_errors
 def _main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = train(cfg)
-    except ConfigError as error:
-        print(f"error: invalid configuration: {error}", file=sys.stderr)
-        sys.exit(2)
-    return metrics.get("AP")
+    return train(cfg).get("AP")
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from sparse_detr.engine.progress import Progress
 from sparse_detr.matching.criterion import total_loss
 from sparse_detr.metrics.coco_eval import CocoEvaluator
 from sparse_detr.metrics.sparsity import SparsityAccumulator, site_masks
-from sparse_detr.tracking import ALPHA, TRAIN, TRAIN_EXTRA, TRAIN_MAIN, alpha_key
+from sparse_detr.tracking import TRAIN, TRAIN_EXTRA, TRAIN_MAIN, alpha_key
 
 # Logged as the main series: DETR's weighted losses and its two error rates.
 MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou")

@@ -1,7 +1,6 @@
 """A whole training run: build, resume, train, checkpoint, evaluate; what `sparse-detr-train` runs."""
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -15,7 +14,7 @@ from sparse_detr.data.collate import collate
 from sparse_detr.engine import distributed
 from sparse_detr.engine.checkpoint import (CHECKPOINT_NAME, atomic_save, load_training_checkpoint,
                                            restore_rng_states, rng_states)
-from sparse_detr.engine.loop import TrainState, evaluate, learned_alphas, train_one_epoch, unwrap
+from sparse_detr.engine.loop import TrainState, evaluate, train_one_epoch, unwrap
 from sparse_detr.engine.optim import build_optimizer, build_scheduler
 from sparse_detr.engine.preemption import PreemptionGuard
 from sparse_detr.engine.sampling import EpochSampler, SeededSamples

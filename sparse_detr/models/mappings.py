@@ -63,12 +63,13 @@ class AttentionMapping(nn.Module):
     def forward(self, scores: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """scores [batch, heads, queries, keys]; key_padding_mask [batch, keys], True = padded."""
         x = scores.float() if scores.dtype in _HALF else scores
-        if key_padding_mask is None:
-            return self._map(x).to(scores.dtype)
-        padded = key_padding_mask[:, None, None, :]
-        empty = padded.all(-1, keepdim=True)
-        p = self._map(x.masked_fill(padded & ~empty, float("-inf")))
-        return p.masked_fill(empty, 0.0).to(scores.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # float32 stays float32 inside
+            if key_padding_mask is None:
+                return self._map(x).to(scores.dtype)
+            padded = key_padding_mask[:, None, None, :]
+            empty = padded.all(-1, keepdim=True)
+            p = self._map(x.masked_fill(padded & ~empty, float("-inf")))
+            return p.masked_fill(empty, 0.0).to(scores.dtype)
 
     def _map(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

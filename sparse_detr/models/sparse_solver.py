@@ -266,6 +266,8 @@ def solve(kind: str, x: torch.Tensor, alpha, *, compiled: bool, steps: int | Non
     uncertified rows only, and the exact fallback takes whatever is left after RETRIES."""
     steps = STEPS[kind] if steps is None else steps
     p, ok, tau = _run(_FORWARD[kind], x, alpha, torch.full_like(x[:, :1], -1.0), steps, compiled=compiled)
+    if ok.all():
+        return p
     todo = (~ok).squeeze(-1).nonzero().squeeze(-1)
     tau = tau[todo]
     for _ in range(RETRIES):

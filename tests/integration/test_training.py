@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
