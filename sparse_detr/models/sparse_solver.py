@@ -15,10 +15,10 @@ Why this is fast and exact (c = [z - tau]_+):
   inequality, tau* >= mean_T(z) - |T|^(-1/q). The best of a few nested sets T = {z > level} is a
   start close to tau*, so 2-4 passes usually suffice.
 - Sparsemax and entmax-1.5 end with the closed-form threshold on the support Newton found (the
-  formula the sort-based algorithm uses); the result is certified exact when that threshold
-  keeps the same support. alpha-entmax pays a log and an exp per element per pass, so it takes
-  Halley steps (cubic; the extra derivative costs one division) and is certified when
-  sum(p) = 1 to rounding.
+  formula the sort-based algorithm uses); it is certified exact when it keeps the same support,
+  which the minimum of z over that support, summed up in the same pass, tells without another
+  pass. alpha-entmax pays a log and an exp per element per pass, so it takes Halley steps
+  (cubic; the extra derivative costs one division) and is certified when sum(p) = 1 to rounding.
 - Rows without a certificate continue from their last threshold, on those rows only; rows still
   uncertified after RETRIES rounds (float32 rounding can flip between two supports forever) are
   solved by the sort-based algorithm or by bisection.
@@ -36,7 +36,6 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.autograd.function import once_differentiable
 
-KINDS = ("sparsemax", "entmax15", "alpha_entmax")
 # Passes per round: enough for typical attention rows, so most calls need a single round.
 STEPS = {"sparsemax": 3, "entmax15": 3, "alpha_entmax": 2}
 RETRIES = 2
@@ -265,7 +264,8 @@ def solve(kind: str, x: torch.Tensor, alpha, *, compiled: bool, steps: int | Non
     Rounds of `steps` passes (default STEPS[kind]); each round after the first continues the
     uncertified rows only, and the exact fallback takes whatever is left after RETRIES."""
     steps = STEPS[kind] if steps is None else steps
-    p, ok, tau = _run(_FORWARD[kind], x, alpha, torch.full_like(x[:, :1], -1.0), steps, compiled=compiled)
+    x, alpha = x.detach(), None if alpha is None else alpha.detach()  # one kernel whatever requires grad
+    p, ok, tau = _run(_FORWARD[kind], x, alpha, x.new_full((x.shape[0], 1), -1.0), steps, compiled=compiled)
     if ok.all():
         return p
     todo = (~ok).squeeze(-1).nonzero().squeeze(-1)
@@ -273,6 +273,8 @@ def solve(kind: str, x: torch.Tensor, alpha, *, compiled: bool, steps: int | Non
     for _ in range(RETRIES):
         if todo.numel() == 0:
             return p
+        if todo.numel() == 1:  # a size-1 dim would make dynamo specialise, i.e. recompile
+            todo, tau = todo.repeat(2), tau.repeat(2, 1)
         a = None if alpha is None else alpha[todo]
         p_todo, ok, tau = _run(_FORWARD[kind], x[todo], a, tau, steps, compiled=compiled)
         p[todo] = p_todo
@@ -309,7 +311,7 @@ class EntmaxFunction(torch.autograd.Function):
 
 
 def entmax_rows(x: torch.Tensor, kind: str, alpha=None, *, compiled: bool, steps: int | None = None) -> torch.Tensor:
-    """Mapping `kind` (one of KINDS) over the last dim of x [..., n].
+    """Mapping `kind` (sparsemax | entmax15 | alpha_entmax) over the last dim of x [..., n].
 
     alpha (alpha_entmax only): a float, or a tensor broadcastable to x[..., :1], e.g.
     [1, heads, 1, 1] for one alpha per head; a tensor that requires grad gets its gradient."""
