@@ -18,7 +18,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sparse_detr.config import SITES, ConfigError, check_choice, check_range, config_dir, reports_config_errors, validate
+from sparse_detr.config import (SITES, ConfigError, check_choice, check_range, checkpoint_file, config_dir,
+                                reports_config_errors, validate)
 from sparse_detr.data import SPLITS
 
 
@@ -60,14 +61,7 @@ class AnalyzeConfig:
     figures: FiguresConfig = field(default_factory=FiguresConfig)
 
     def __post_init__(self):
-        from sparse_detr.engine.checkpoint import CHECKPOINT_NAME
-
-        path = Path(self.checkpoint).expanduser()
-        if path.is_dir():
-            path = path / CHECKPOINT_NAME
-        if not path.is_file():
-            raise ConfigError(f"checkpoint={self.checkpoint!r}: no such file (give a checkpoint.pth or its run folder)")
-        self.checkpoint = str(path)
+        self.checkpoint = checkpoint_file(self.checkpoint)
         check_choice("split", self.split, SPLITS)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_range("threshold", self.threshold, low=0.0)
@@ -104,16 +98,13 @@ def analyze(cfg: DictConfig) -> Path:
     from sparse_detr.analysis import attention_stats as stats_lib
     from sparse_detr.analysis.run_folders import ANALYSIS_DIR, ANALYSIS_NAME
     from sparse_detr.analysis.tables import write_csv, write_json
-    from sparse_detr.data import as_data_config, build_dataset
-    from sparse_detr.data.transforms import build_transforms
+    from sparse_detr.data import evaluation_dataset
     from sparse_detr.engine.loop import learned_alphas
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     trained = stats_lib.load_trained_model(args.checkpoint, args.overrides, device)
-    dataset = build_dataset(trained.cfg.data, args.split)
-    if args.split == "train":  # the training images as evaluation shows them: no random flips or resizes
-        dataset.transforms = build_transforms(as_data_config(trained.cfg.data), train=False)
+    dataset = evaluation_dataset(trained.cfg.data, args.split)
     check_against_run(args, trained.cfg, len(dataset))
     run_dir = Path(args.checkpoint).parent
     out = Path(args.output_dir) if args.output_dir else run_dir / ANALYSIS_DIR

@@ -214,6 +214,16 @@ OmegaConf.register_new_resolver("sparse_detr.suffix", lambda overrides: f"+{over
 OmegaConf.register_new_resolver("sparse_detr.product", lambda *factors: math.prod(int(f) for f in factors), replace=True)
 
 
+def checkpoint_file(path: str) -> str:
+    """A checkpoint given as the file or as the run folder holding `checkpoint.pth`."""
+    resolved = Path(path).expanduser()
+    if resolved.is_dir():
+        resolved = resolved / "checkpoint.pth"
+    if not resolved.is_file():
+        raise ConfigError(f"checkpoint={path!r}: no such file (give a checkpoint.pth or its run folder)")
+    return str(resolved)
+
+
 def reports_config_errors(entry_point: Callable) -> Callable:
     """For `@hydra.main` functions: a ConfigError ends the program with one line on stderr naming
     the key, the value and the valid choices, and exit status 2, instead of a traceback."""

@@ -45,6 +45,16 @@ def build_dataset(cfg, split: str):
     return coco.CocoDetection(images, annotations, label_to_category, build_transforms(cfg, train=split == "train"))
 
 
+def evaluation_dataset(cfg, split: str):
+    """A split as evaluation sees it: the training images too without random flips or resizes."""
+    from sparse_detr.data.transforms import build_transforms
+
+    dataset = build_dataset(cfg, split)
+    if split == "train":
+        dataset.transforms = build_transforms(as_data_config(cfg), train=False)
+    return dataset
+
+
 def num_classes(cfg) -> int:
     """Number of classes without building the data set: 91 for COCO, else read from the categories."""
     from sparse_detr.data import coco

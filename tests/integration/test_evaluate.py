@@ -1,0 +1,26 @@
+"""sparse-detr-eval: a checkpoint and a split give the COCO metrics the training run reported."""
+import json
+import subprocess
+import sys
+
+
+def test_eval_reproduces_the_training_runs_own_evaluation(tmp_path):
+    run_dir = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "sparse_detr.train", "experiment=smoke", "schedule.epochs=1",
+                    "train.progress=off", f"output_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra"],
+                   check=True, capture_output=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "sparse_detr.evaluate", f"checkpoint={run_dir}", "batch_size=3"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((run_dir / "eval_val.json").read_text())
+    trained = json.loads((run_dir / "eval_metrics.json").read_text())
+    assert written["split"] == "val" and written["global_step"] == trained["global_step"] == 8
+    for key in ("AP", "AP50", "AP75", "AR100"):
+        assert abs(written[key] - trained[key]) < 1e-9, key
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_eval_names_a_missing_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sparse_detr.evaluate", f"checkpoint={tmp_path}/nothing"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no such file" in result.stderr and "nothing" in result.stderr
