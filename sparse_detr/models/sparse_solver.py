@@ -16,8 +16,8 @@ Why this is fast and exact (c = [z - tau]_+):
   start close to tau*, so 2-4 passes usually suffice.
 - Sparsemax and entmax-1.5 end with the closed-form threshold on the support Newton found (the
   formula the sort-based algorithm uses); it is certified exact when it keeps the same support,
-  which the minimum of z over that support, summed up in the same pass, tells without another
-  pass. alpha-entmax pays a log and an exp per element per pass, so it takes Halley steps
+  which the largest z outside and the smallest z inside that support, found in the same pass,
+  tell without another pass. alpha-entmax pays a log and an exp per element per pass, so it takes Halley steps
   (cubic; the extra derivative costs one division) and is certified when sum(p) = 1 to rounding.
 - Rows without a certificate continue from their last threshold, on those rows only; rows still
   uncertified after RETRIES rounds (float32 rounding can flip between two supports forever) are
@@ -70,15 +70,18 @@ def _start(z: torch.Tensor, q, tau0: torch.Tensor) -> torch.Tensor:
 
 
 def _support_moments(z: torch.Tensor, tau: torch.Tensor, squares: bool):
-    """Over the support {z > tau}: size, sum, sum of squares (or None) and minimum (inf if empty).
+    """Over the support S = {z > tau}: size, sum, sum of squares (or None); and the bracket
+    (largest z outside S, smallest z inside S), -inf / inf when empty.
 
-    The minimum certifies a threshold t computed from these moments without another pass:
-    if min > t >= tau, the support of t is the same set, so t is exact."""
+    The bracket certifies a threshold t computed from these moments without another pass:
+    outside <= t < inside means the support of t is S, so t is exact."""
     inside = z > tau
     zs = torch.where(inside, z, torch.zeros_like(z))
     k = inside.to(z.dtype).sum(-1, keepdim=True)
-    z_min = torch.where(inside, z, torch.full_like(z, float("inf"))).amin(-1, keepdim=True)
-    return k, zs.sum(-1, keepdim=True), (zs * zs).sum(-1, keepdim=True) if squares else None, z_min
+    z_in = torch.where(inside, z, torch.full_like(z, float("inf"))).amin(-1, keepdim=True)
+    z_out = torch.where(inside, torch.full_like(z, float("-inf")), z).amax(-1, keepdim=True)
+    s2 = (zs * zs).sum(-1, keepdim=True) if squares else None
+    return k, zs.sum(-1, keepdim=True), s2, (z_out, z_in)
 
 
 def _sparsemax_forward(x, alpha, tau0, steps: int):
@@ -87,9 +90,9 @@ def _sparsemax_forward(x, alpha, tau0, steps: int):
     tau = _start(z, 1.0, tau0)
     ok = torch.zeros_like(tau, dtype=torch.bool)
     for _ in range(steps):
-        k, s, _, z_min = _support_moments(z, tau, squares=False)
-        new = (s - 1) / k.clamp(min=1)
-        ok, tau = (z_min > new) & (new >= tau), new
+        k, s, _, (z_out, z_in) = _support_moments(z, tau, squares=False)
+        tau = (s - 1) / k.clamp(min=1)
+        ok = (z_out <= tau) & (tau < z_in)
     return (z - tau).clamp(min=0), ok, tau
 
 
@@ -100,7 +103,7 @@ def _entmax15_forward(x, alpha, tau0, steps: int):
     ok = torch.zeros_like(tau, dtype=torch.bool)
     root = tau
     for i in range(steps):
-        k, s1, s2, z_min = _support_moments(z, tau, squares=True)
+        k, s1, s2, (z_out, z_in) = _support_moments(z, tau, squares=True)
         if i < steps - 1:  # ||c||^2 = s2 - 2 tau s1 + k tau^2, d||c||/dtau = -sum(c) / ||c||
             norm = (s2 - 2 * tau * s1 + k * tau * tau).clamp(min=0).sqrt()
             tau = tau + (norm - 1) * norm / (s1 - k * tau).clamp(min=torch.finfo(z.dtype).tiny)
@@ -108,7 +111,7 @@ def _entmax15_forward(x, alpha, tau0, steps: int):
             kc = k.clamp(min=1)
             mean = s1 / kc
             root = mean - ((1 - (s2 - s1 * mean)) / kc).clamp(min=0).sqrt()
-            ok = (z_min > root) & (root >= tau)
+            ok = (z_out <= root) & (root < z_in)
     c = (z - root).clamp(min=0)
     return c * c, ok, tau
 
