@@ -95,6 +95,9 @@ class AttentionConfig:
         check_choice("attention.name", self.name, MAPPING_NAMES)
         check_choice("attention.impl", self.impl, MAPPING_IMPLS)
         check_range("attention.alpha", self.alpha, low=1.0, high=2.0, low_open=True)
+        if self.learn_alpha:  # a learned alpha is 1.01 + 0.99 sigmoid(.), which never reaches its ends
+            check_range("attention.alpha (learned, initial)", self.alpha, low=1.01, high=2.0,
+                        low_open=True, high_open=True)
 
 
 @dataclass

@@ -262,3 +262,11 @@ def test_the_wheel_ships_conf_and_runs_without_the_source_tree(tmp_path):
                  env={"PYTHONPATH": str(installed)})
     assert result.returncode == 0, result.stderr
     assert OmegaConf.create(result.stdout).cluster.name == "berzelius"
+
+
+def test_a_learned_alpha_must_start_strictly_inside_its_range(compose):
+    from sparse_detr.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"attention.alpha \(learned, initial\)=2.0 .*\(1.01, 2.0\)"):
+        validate(compose("attention=alpha_entmax", "attention.alpha=2.0"))
+    validate(compose("attention=alpha_entmax", "attention.alpha=2.0", "attention.learn_alpha=false"))
