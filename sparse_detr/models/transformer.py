@@ -21,72 +21,75 @@ def with_pos(tensor: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return tensor if pos is None else tensor + pos
 
 
-class TransformerEncoderLayer(nn.Module):
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, normalize_before, mapping: nn.Module):
+class ResidualLayer(nn.Module):
+    """What encoder and decoder layers share: DETR's feed-forward block, and residual sub-layers
+    normed after the sum (post-norm, DETR's default) or before the sub-layer (pre-norm)."""
+
+    def __init__(self, d_model, dim_feedforward, dropout, normalize_before):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, mapping=mapping)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.normalize_before = normalize_before
+
+    def pre(self, x, norm: nn.LayerNorm):
+        """The sub-layer's input."""
+        return norm(x) if self.normalize_before else x
+
+    def residual(self, x, update, norm: nn.LayerNorm):
+        """x + the sub-layer's (dropped-out) update, normed here under post-norm."""
+        x = x + update
+        return x if self.normalize_before else norm(x)
+
+    def feedforward(self, x, norm: nn.LayerNorm, dropout_out: nn.Dropout):
+        update = self.linear2(self.dropout(F.relu(self.linear1(self.pre(x, norm)))))
+        return self.residual(x, dropout_out(update), norm)
+
+
+class TransformerEncoderLayer(ResidualLayer):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, normalize_before, mapping: nn.Module):
+        super().__init__(d_model, dim_feedforward, dropout, normalize_before)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, mapping=mapping)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
 
     def forward(self, src, key_padding_mask, pos, need_weights=False):
         """src, pos [HW, B, C]; key_padding_mask [B, HW] -> ([HW, B, C], weights [B, heads, HW, HW] | None)."""
-        x = self.norm1(src) if self.normalize_before else src
+        x = self.pre(src, self.norm1)
         q = k = with_pos(x, pos)
         attended, weights = self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=need_weights)
-        src = src + self.dropout1(attended)
-        if not self.normalize_before:
-            src = self.norm1(src)
-        x = self.norm2(src) if self.normalize_before else src
-        src = src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
-        if not self.normalize_before:
-            src = self.norm2(src)
-        return src, weights
+        src = self.residual(src, self.dropout1(attended), self.norm1)
+        return self.feedforward(src, self.norm2, self.dropout2), weights
 
 
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(ResidualLayer):
     def __init__(self, d_model, nhead, dim_feedforward, dropout, normalize_before,
                  self_mapping: nn.Module, cross_mapping: nn.Module):
-        super().__init__()
+        super().__init__(d_model, dim_feedforward, dropout, normalize_before)
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, mapping=self_mapping)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, mapping=cross_mapping)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
 
     def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, need_weights=False):
         """tgt, query_pos [Q, B, C]; memory, pos [HW, B, C] -> ([Q, B, C], self weights, cross weights)."""
-        x = self.norm1(tgt) if self.normalize_before else tgt
+        x = self.pre(tgt, self.norm1)
         q = k = with_pos(x, query_pos)
         attended, self_weights = self.self_attn(q, k, x, need_weights=need_weights)
-        tgt = tgt + self.dropout1(attended)
-        if not self.normalize_before:
-            tgt = self.norm1(tgt)
-        x = self.norm2(tgt) if self.normalize_before else tgt
+        tgt = self.residual(tgt, self.dropout1(attended), self.norm1)
+        x = self.pre(tgt, self.norm2)
         attended, cross_weights = self.multihead_attn(
             with_pos(x, query_pos), with_pos(memory, pos), memory,
             key_padding_mask=memory_key_padding_mask, need_weights=need_weights,
         )
-        tgt = tgt + self.dropout2(attended)
-        if not self.normalize_before:
-            tgt = self.norm2(tgt)
-        x = self.norm3(tgt) if self.normalize_before else tgt
-        tgt = tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
-        if not self.normalize_before:
-            tgt = self.norm3(tgt)
-        return tgt, self_weights, cross_weights
+        tgt = self.residual(tgt, self.dropout2(attended), self.norm2)
+        return self.feedforward(tgt, self.norm3, self.dropout3), self_weights, cross_weights
 
 
 class TransformerEncoder(nn.Module):
