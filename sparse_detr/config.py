@@ -21,6 +21,7 @@ from sparse_detr.tracking import LoggerConfig
 
 MAPPING_NAMES = ("softmax", "sparsemax", "entmax15", "alpha_entmax")
 MAPPING_IMPLS = ("fast", "eager", "reference")
+ALPHA_FLOOR = 1.01  # learned alpha lives in (ALPHA_FLOOR, 2]: entmax_bisect breaks at alpha = 1
 SITES = ("encoder", "decoder", "cross")
 BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
 POSITION_EMBEDDINGS = ("sine", "learned")
@@ -95,8 +96,8 @@ class AttentionConfig:
         check_choice("attention.name", self.name, MAPPING_NAMES)
         check_choice("attention.impl", self.impl, MAPPING_IMPLS)
         check_range("attention.alpha", self.alpha, low=1.0, high=2.0, low_open=True)
-        if self.learn_alpha:  # a learned alpha is 1.01 + 0.99 sigmoid(.), which never reaches its ends
-            check_range("attention.alpha (learned, initial)", self.alpha, low=1.01, high=2.0,
+        if self.learn_alpha:  # a learned alpha is a sigmoid into (ALPHA_FLOOR, 2): it never reaches its ends
+            check_range("attention.alpha (learned, initial)", self.alpha, low=ALPHA_FLOOR, high=2.0,
                         low_open=True, high_open=True)
 
 

@@ -19,8 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sparse_detr.config import (ConfigError, check_choice, check_range, checkpoint_file, config_dir,
                                 reports_config_errors, validate)
-
-SPLITS = ("train", "val")
+from sparse_detr.data import SPLITS
 
 
 @dataclass

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sparse_detr.data import SPLITS
 from sparse_detr.data.config import SHAPE_NAMES
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1                 # bump when the drawing changes, so old caches are not reused
-SPLITS = ("train", "val")
 MIN_VISIBLE = 0.6                     # an object keeps at least this fraction of its pixels visible
 PLACEMENT_TRIES = 20
 CHUNK = 250                           # images per task of the generating processes

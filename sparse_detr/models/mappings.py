@@ -15,16 +15,16 @@ unavailable), "eager" = the same solver without compiling, "reference" = the ent
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import entmax
 import torch
 from torch import nn
 
+from sparse_detr.config import ALPHA_FLOOR
+from sparse_detr.config import MAPPING_IMPLS as IMPLS
+from sparse_detr.config import MAPPING_NAMES as MAPPINGS
 from sparse_detr.models.sparse_solver import entmax_rows
-
-MAPPINGS = ("softmax", "sparsemax", "entmax15", "alpha_entmax")
-IMPLS = ("fast", "eager", "reference")
-ALPHA_FLOOR = 1.01  # learned alpha lives in (ALPHA_FLOOR, 2]: entmax_bisect breaks at alpha = 1
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -90,36 +90,33 @@ def _finite_fill(x: torch.Tensor, alpha) -> torch.Tensor:
     return torch.where(x == float("-inf"), m - 1 / (alpha - 1) - 1, x)
 
 
-class Sparsemax(AttentionMapping):
+class FixedEntmax(AttentionMapping):
+    """alpha-entmax at a fixed alpha with a closed-form threshold; subclasses name the alpha."""
+    solver: str                       # the fast solver's name for this alpha
+    alpha: float
+    reference: Callable               # the entmax package's function
+
+    def __init__(self, impl: str = "fast"):
+        super().__init__()
+        self.impl = impl
+
+    def _map(self, x):
+        if self.impl == "reference":
+            return self.reference(_finite_fill(x, self.alpha), dim=-1)
+        return entmax_rows(x, self.solver, compiled=self.impl == "fast")
+
+    def extra_repr(self):
+        return f"impl={self.impl}"
+
+
+class Sparsemax(FixedEntmax):
     """sparsemax (Martins & Astudillo 2016): Euclidean projection of the scores onto the simplex."""
-
-    def __init__(self, impl: str = "fast"):
-        super().__init__()
-        self.impl = impl
-
-    def _map(self, x):
-        if self.impl == "reference":
-            return entmax.sparsemax(_finite_fill(x, 2.0), dim=-1)
-        return entmax_rows(x, "sparsemax", compiled=self.impl == "fast")
-
-    def extra_repr(self):
-        return f"impl={self.impl}"
+    solver, alpha, reference = "sparsemax", 2.0, staticmethod(entmax.sparsemax)
 
 
-class Entmax15(AttentionMapping):
+class Entmax15(FixedEntmax):
     """1.5-entmax (Peters et al. 2019): sparse like sparsemax, smoother near ties."""
-
-    def __init__(self, impl: str = "fast"):
-        super().__init__()
-        self.impl = impl
-
-    def _map(self, x):
-        if self.impl == "reference":
-            return entmax.entmax15(_finite_fill(x, 1.5), dim=-1)
-        return entmax_rows(x, "entmax15", compiled=self.impl == "fast")
-
-    def extra_repr(self):
-        return f"impl={self.impl}"
+    solver, alpha, reference = "entmax15", 1.5, staticmethod(entmax.entmax15)
 
 
 class AlphaEntmax(AttentionMapping):
