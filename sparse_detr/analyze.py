@@ -91,18 +91,14 @@ def analyze(cfg: DictConfig) -> Path:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint is required: sparse-detr-analyze checkpoint=RUN_FOLDER[/checkpoint.pth]")
     args: AnalyzeConfig = validate(cfg)
-    import torch  # heavy imports after the config is known good
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA device is visible; use device=cpu or auto")
-    from sparse_detr.analysis import attention_stats as stats_lib
+    from sparse_detr.analysis import attention_stats as stats_lib  # heavy imports after the config is known good
     from sparse_detr.analysis.run_folders import ANALYSIS_DIR, ANALYSIS_NAME
     from sparse_detr.analysis.tables import write_csv, write_json
     from sparse_detr.data import evaluation_dataset
+    from sparse_detr.engine.distributed import choose_device
     from sparse_detr.engine.loop import learned_alphas
 
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = choose_device(args.device, 0)
     trained = stats_lib.load_trained_model(args.checkpoint, args.overrides, device)
     dataset = evaluation_dataset(trained.cfg.data, args.split)
     check_against_run(args, trained.cfg, len(dataset))

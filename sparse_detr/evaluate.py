@@ -55,10 +55,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     from sparse_detr.engine.trainer import make_loader
     from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
 
-    try:
-        device = choose_device(args.device, 0)
-    except RuntimeError as error:
-        raise ConfigError(str(error)) from None
+    device = choose_device(args.device, 0)
     trained = load_trained_model(args.checkpoint, args.overrides, device)
     dataset = evaluation_dataset(trained.cfg.data, args.split)
     loader = make_loader(dataset, args.batch_size or trained.cfg.data.batch_size, trained.cfg.data.num_workers,

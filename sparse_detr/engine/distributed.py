@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sparse_detr.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -51,7 +53,7 @@ def environment_ranks(env=os.environ) -> tuple[int, int, int]:
 def choose_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for, but no CUDA device is visible; use device=cpu or auto")
+            raise ConfigError("device='cuda' but no CUDA device is visible; use device=cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
