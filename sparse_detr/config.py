@@ -71,6 +71,7 @@ class ModelConfig:
     pre_norm: bool = False
     aux_loss: bool = True
     position_embedding: str = "sine"
+    position_temperature: float = 10000.0  # sine: longest wavelength / 2 pi; a few tens suits a map of ~8x8 cells
     num_classes: Optional[int] = None  # None: taken from the data set
 
     def __post_init__(self):
@@ -80,6 +81,7 @@ class ModelConfig:
             raise ConfigError(f"model.hidden_dim={self.hidden_dim} must be divisible by model.nheads={self.nheads}")
         check_range("model.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         check_choice("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        check_range("model.position_temperature", self.position_temperature, low=1.0, low_open=True)
         if self.num_classes is not None:
             check_range("model.num_classes", self.num_classes, low=1)
 

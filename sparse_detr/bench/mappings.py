@@ -14,6 +14,9 @@ cross-attention (100 queries x 850 keys) and decoder self-attention (100 x 100).
 - first call: the first forward+backward at that shape in this process; for "fast" the first
   shape includes compiling (inductor's on-disk cache, if warm, shortens it). Later shapes reuse
   the kernel: a first call close to the median shows there was no recompilation.
+- training step: one optimizer step of a whole DETR (forward, set loss, backward, clipping,
+  AdamW) from a random initialisation with the mapping at every site (`placement=all`), for the
+  smoke model (batch 4, 64 x 64) and the R50 model (batch 2, 512 x 683).
 """
 
 from __future__ import annotations
@@ -154,8 +157,69 @@ def attention_section(args, device: torch.device) -> str:
     return _table("Attention block (QK^T, key padding, mapping, @V) forward+backward, float32", results, device)
 
 
-# Each section: (args, device) -> Markdown. A model training-step section can be appended here.
-SECTIONS = [mapping_section, attention_section]
+# (label, config overrides, batch size, image height, image width) of the training-step section.
+TRAINING_MODELS = [("smoke", ["experiment=smoke"], 4, 64, 64),
+                   ("R50", ["experiment=detr_r50_coco"], 2, 512, 683)]
+TRAINING_ATTENTION = {"softmax": ["attention=softmax"], "sparsemax": ["attention=sparsemax"],
+                      "entmax15": ["attention=entmax15"],
+                      "alpha_entmax (learned)": ["attention=alpha_entmax"]}
+
+
+def _training_step(overrides: list[str], batch: int, height: int, width: int, device: torch.device):
+    """A closure running one training step of the configured DETR on a fixed random batch."""
+    from sparse_detr import load_config
+    from sparse_detr.engine.optim import build_optimizer
+    from sparse_detr.matching.criterion import total_loss
+    from sparse_detr.models.detr import build_model, resolve_num_classes
+
+    cfg = load_config([*overrides, "placement=all"])
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(cfg)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    images = torch.randn(batch, 3, height, width, device=device)
+    mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    targets = [{"labels": torch.randint(resolve_num_classes(cfg), (3,), device=device),
+                "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4], [0.5, 0.7, 0.5, 0.2]], device=device)}
+               for _ in range(batch)]
+
+    def step():
+        losses = criterion(model(images, mask), targets)
+        optimizer.zero_grad(set_to_none=True)
+        total_loss(losses, criterion.weight_dict).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
+        optimizer.step()
+        _sync(device)
+
+    return step
+
+
+def training_section(args, device: torch.device) -> str:
+    """One DETR training step per attention choice (placement=all), as a ratio to softmax."""
+    repeats = max(3, args.repeats // 2)
+    lines = ["### Training step of the whole model, placement=all, float32", "",
+             "| model | attention | median step (ms) | x softmax | first step (s) |", "|---|---|---:|---:|---:|"]
+    for label, overrides, batch, height, width in TRAINING_MODELS:
+        steps = {name: _training_step([*overrides, *choice], batch, height, width, device)
+                 for name, choice in TRAINING_ATTENTION.items()}
+        first, times = {}, {name: [] for name in steps}
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            first[name] = time.perf_counter() - start
+        for _ in range(repeats):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+        soft = statistics.median(times["softmax"])
+        for name in steps:
+            median = statistics.median(times[name])
+            lines.append(f"| {label} | {name} | {median * 1e3:.1f} | {median / soft:.2f} | {first[name]:.2f} |")
+    return "\n".join(lines)
+
+
+SECTIONS = [mapping_section, attention_section, training_section]
 
 
 def main(argv: list[str] | None = None) -> None:

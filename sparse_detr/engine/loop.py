@@ -103,7 +103,7 @@ def train_one_epoch(model, criterion, loader, optimizer, state: TrainState, *, d
         loss = total_loss(losses, criterion.weight_dict)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise NonFiniteLoss(f"loss is {loss_value} at global step {state.global_step + 1}: {terms}")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

@@ -104,10 +104,12 @@ class Joiner(nn.Sequential):
         return features, feature_mask, self[1](feature_mask).to(features.dtype)
 
 
-def build_backbone(backbone_cfg, hidden_dim: int, position_embedding: str, train_backbone: bool = True) -> Joiner:
+def build_backbone(backbone_cfg, model_cfg, train_backbone: bool = True) -> Joiner:
+    """The CNN (`backbone_cfg`) joined with the position encoding `model_cfg` asks for."""
     if backbone_cfg.name == "tiny":
         body = TinyBody(backbone_cfg.channels)
     else:
         body = ResNetBody(backbone_cfg.name, train_backbone, backbone_cfg.dilation,
                           backbone_cfg.weights, backbone_cfg.pretrained)
-    return Joiner(body, build_position_encoding(position_embedding, hidden_dim))
+    position = build_position_encoding(model_cfg.position_embedding, model_cfg.hidden_dim, model_cfg.position_temperature)
+    return Joiner(body, position)

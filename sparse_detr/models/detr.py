@@ -115,7 +115,7 @@ def build_model(cfg) -> tuple[DETR, nn.Module, PostProcess]:
     from sparse_detr.matching.criterion import build_criterion
 
     train_backbone = cfg.optim.lr_backbone > 0 if "optim" in cfg else True
-    backbone = build_backbone(cfg.backbone, cfg.model.hidden_dim, cfg.model.position_embedding, train_backbone)
+    backbone = build_backbone(cfg.backbone, cfg.model, train_backbone)
     transformer = Transformer(
         d_model=cfg.model.hidden_dim,
         nhead=cfg.model.nheads,

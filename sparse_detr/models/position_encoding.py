@@ -10,7 +10,7 @@ from torch import nn
 class PositionEmbeddingSine(nn.Module):
     """Sine/cosine of normalised (y, x) over the unpadded area, as in "Attention is all you need"."""
 
-    def __init__(self, num_pos_feats: int = 128, temperature: int = 10000, normalize: bool = True):
+    def __init__(self, num_pos_feats: int = 128, temperature: float = 10000, normalize: bool = True):
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
@@ -56,9 +56,11 @@ class PositionEmbeddingLearned(nn.Module):
         return pos.permute(2, 0, 1).unsqueeze(0).repeat(mask.shape[0], 1, 1, 1)
 
 
-def build_position_encoding(kind: str, hidden_dim: int) -> nn.Module:
+def build_position_encoding(kind: str, hidden_dim: int, temperature: float = 10000) -> nn.Module:
+    """DETR's 10000 spreads the sine frequencies for feature maps of tens of cells a side; on a
+    map of a few cells only the first few vary, and a lower temperature gives every one a use."""
     if kind == "sine":
-        return PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        return PositionEmbeddingSine(hidden_dim // 2, temperature, normalize=True)
     if kind == "learned":
         return PositionEmbeddingLearned(hidden_dim // 2)
     raise ValueError(f"model.position_embedding={kind!r} is not valid; choose one of: sine, learned")

@@ -88,6 +88,7 @@ def test_the_sweep_folder_resolves_before_hydras_runtime_is_set():
     ("train.amp=fp8", "train.amp", "'fp8'", "none, bf16, fp16"),
     ("placement.cross=sparsmax", "placement.cross", "'sparsmax'", "softmax, sparsemax, entmax15, alpha_entmax"),
     ("model.position_embedding=rope", "model.position_embedding", "'rope'", "sine, learned"),
+    ("model.position_temperature=1", "model.position_temperature", "1", "(1.0, inf)"),
     ("cluster.preempt_signals=[USR9]", "cluster.preempt_signals", "'USR9'", "USR2"),
 ])
 def test_a_bad_value_names_the_key_the_value_and_the_choices(override, key, value, valid):

@@ -1,6 +1,7 @@
 """DETR built from config: placements, DETR's state-dict keys, checkpoints, inputs and outputs."""
 import argparse
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,19 @@ def test_model_variants_run(compose, override):
     assert torch.isfinite(out["pred_boxes"]).all()
     if override == "model.pre_norm=true":
         assert "transformer.encoder.norm.weight" in model.state_dict()
+
+
+@pytest.mark.parametrize("temperature", [10000.0, 20.0])
+def test_sine_position_encoding_uses_the_configured_temperature(compose, temperature):
+    """Known answer: channel 2i of the x half at column j (of w, unpadded) is sin(2 pi (j+1)/w / T^(2i/F))."""
+    model, _, _ = build_model(compose(f"model.position_temperature={temperature}"))
+    encoding = model.backbone[1]
+    features = encoding.num_pos_feats
+    pos = encoding(torch.zeros(1, 3, 8, dtype=torch.bool))[0, features:, 0]      # x half, first row
+    columns = torch.arange(1, 9) / 8 * 2 * math.pi
+    for i in range(features // 2):
+        expected = torch.sin(columns / temperature ** (2 * i / features))
+        torch.testing.assert_close(pos[2 * i], expected, atol=1e-5, rtol=0)
 
 
 def test_dilation_halves_the_stride():
