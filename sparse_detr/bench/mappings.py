@@ -68,34 +68,43 @@ def _retained_bytes(step_forward) -> int:
     return sum(storages.values())
 
 
-def _measure(steps: dict, repeats: int, device: torch.device) -> dict[str, dict]:
-    """steps: name -> (forward() -> (leaves, output), grad). Round-robin timing + memory."""
-    stats = {name: {"times": []} for name in steps}
-    for name, (forward, grad) in steps.items():  # first call, one candidate at a time
+def _timed(calls: dict, repeats: int, device: torch.device) -> dict[str, dict]:
+    """calls: name -> call(). The first call of each (one at a time), then `repeats` round-robin
+    calls, so a busy machine slows every candidate alike -> {name: {"first", "times", "median"}}."""
+    stats = {}
+
+    def clock(call) -> float:
         _sync(device)
         start = time.perf_counter()
-        leaves, y = forward()
-        y.backward(grad)
+        call()
         _sync(device)
-        stats[name]["first"] = time.perf_counter() - start
+        return time.perf_counter() - start
+
+    for name, call in calls.items():
+        stats[name] = {"first": clock(call), "times": []}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            stats[name]["times"].append(clock(call))
+    for s in stats.values():
+        s["median"] = statistics.median(s["times"])
+    return stats
+
+
+def _measure(steps: dict, repeats: int, device: torch.device) -> dict[str, dict]:
+    """steps: name -> (forward() -> (leaves, output), grad). Round-robin timing + memory."""
+    def forward_backward(forward, grad):
+        _, y = forward()
+        y.backward(grad)
+
+    stats = _timed({name: (lambda f=forward, g=grad: forward_backward(f, g)) for name, (forward, grad) in steps.items()},
+                   repeats, device)
+    for name, (forward, grad) in steps.items():
         stats[name]["retained"] = _retained_bytes(forward)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            leaves, y = forward()
-            y.backward(grad)
+            forward_backward(forward, grad)
             stats[name]["peak"] = torch.cuda.max_memory_allocated(device) - base
-        del leaves, y
-    for _ in range(repeats):
-        for name, (forward, grad) in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            _, y = forward()
-            y.backward(grad)
-            _sync(device)
-            stats[name]["times"].append(time.perf_counter() - start)
-    for s in stats.values():
-        s["median"] = statistics.median(s["times"])
     return stats
 
 
@@ -189,7 +198,6 @@ def _training_step(overrides: list[str], batch: int, height: int, width: int, de
         total_loss(losses, criterion.weight_dict).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
         optimizer.step()
-        _sync(device)
 
     return step
 
@@ -200,22 +208,11 @@ def training_section(args, device: torch.device) -> str:
     lines = ["### Training step of the whole model, placement=all, float32", "",
              "| model | attention | median step (ms) | x softmax | first step (s) |", "|---|---|---:|---:|---:|"]
     for label, overrides, batch, height, width in TRAINING_MODELS:
-        steps = {name: _training_step([*overrides, *choice], batch, height, width, device)
-                 for name, choice in TRAINING_ATTENTION.items()}
-        first, times = {}, {name: [] for name in steps}
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            first[name] = time.perf_counter() - start
-        for _ in range(repeats):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
-        soft = statistics.median(times["softmax"])
-        for name in steps:
-            median = statistics.median(times[name])
-            lines.append(f"| {label} | {name} | {median * 1e3:.1f} | {median / soft:.2f} | {first[name]:.2f} |")
+        stats = _timed({name: _training_step([*overrides, *choice], batch, height, width, device)
+                        for name, choice in TRAINING_ATTENTION.items()}, repeats, device)
+        soft = stats["softmax"]["median"]
+        for name, s in stats.items():
+            lines.append(f"| {label} | {name} | {s['median'] * 1e3:.1f} | {s['median'] / soft:.2f} | {s['first']:.2f} |")
     return "\n".join(lines)
 
 

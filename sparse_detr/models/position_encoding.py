@@ -56,7 +56,7 @@ class PositionEmbeddingLearned(nn.Module):
         return pos.permute(2, 0, 1).unsqueeze(0).repeat(mask.shape[0], 1, 1, 1)
 
 
-def build_position_encoding(kind: str, hidden_dim: int, temperature: float = 10000) -> nn.Module:
+def build_position_encoding(kind: str, hidden_dim: int, temperature: float) -> nn.Module:
     """DETR's 10000 spreads the sine frequencies for feature maps of tens of cells a side; on a
     map of a few cells only the first few vary, and a lower temperature gives every one a use."""
     if kind == "sine":
