@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.data.config import DataConfig
+from sparse_detr.errors import EXIT_USER_ERROR, ConfigError, UserError, one_line
 from sparse_detr.tracking import LoggerConfig
 
 MAPPING_NAMES = ("softmax", "sparsemax", "entmax15", "alpha_entmax")
@@ -24,11 +25,8 @@ MAPPING_IMPLS = ("fast", "eager", "reference")
 ALPHA_FLOOR = 1.01  # learned alpha lives in (ALPHA_FLOOR, 2]: entmax_bisect breaks at alpha = 1
 SITES = ("encoder", "decoder", "cross")
 BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
+DILATED_BACKBONES = ("resnet50", "resnet101")   # DETR's DC5: bottleneck ResNets only
 POSITION_EMBEDDINGS = ("sine", "learned")
-
-
-class ConfigError(ValueError):
-    """A config value is out of range or not one of the valid choices."""
 
 
 def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
@@ -38,6 +36,8 @@ def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
 
 def check_range(key: str, value: float, *, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False) -> None:
+    if value != value:  # NaN: every comparison below is False, so it would pass them all
+        raise ConfigError(f"{key}={value!r} is not a number; give a finite value")
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if below or above:
@@ -57,6 +57,8 @@ class BackboneConfig:
     def __post_init__(self):
         check_choice("backbone.name", self.name, BACKBONE_NAMES)
         check_range("backbone.channels", self.channels, low=1)
+        if self.dilation:  # torchvision's BasicBlock (resnet18/34) has no dilated form; tiny has no stages
+            check_choice("backbone.name (with backbone.dilation=true)", self.name, DILATED_BACKBONES)
 
 
 @dataclass
@@ -212,10 +214,14 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def __post_init__(self):
+        for key in ("resume", "init_from"):  # found now, not after the model and the data are built
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{key}={path!r}: no such file (give the path of a checkpoint .pth file)")
+
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-# `+model.dropout=0.2,...` after the variant name in run folders, or nothing without overrides.
-OmegaConf.register_new_resolver("sparse_detr.suffix", lambda overrides: f"+{overrides}" if overrides else "", replace=True)
 # `${sparse_detr.product:${hydra.launcher.nodes},${hydra.launcher.tasks_per_node}}`: GPUs of a SLURM job.
 OmegaConf.register_new_resolver("sparse_detr.product", lambda *factors: math.prod(int(f) for f in factors), replace=True)
 
@@ -231,15 +237,16 @@ def checkpoint_file(path: str) -> str:
 
 
 def reports_config_errors(entry_point: Callable) -> Callable:
-    """For `@hydra.main` functions: a ConfigError ends the program with one line on stderr naming
-    the key, the value and the valid choices, and exit status 2, instead of a traceback."""
+    """For `@hydra.main` functions: a user error (a bad config value, a missing or unusable data
+    set or file) ends the program with one line on stderr naming what is wrong, and exit status 2,
+    instead of a traceback."""
     @functools.wraps(entry_point)
     def run(*args, **kwargs):
         try:
             return entry_point(*args, **kwargs)
-        except ConfigError as error:
-            print(f"error: invalid configuration: {error}", file=sys.stderr)
-            sys.exit(2)
+        except UserError as error:
+            print(one_line(error), file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
 
     return run
 
@@ -252,8 +259,31 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parent / "conf"
 
 
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(key, the valid keys beside it) of every key that its schema does not declare.
+
+    Hydra lets `+key=value` add a key to a structured config, and `OmegaConf.to_object` drops
+    such a key silently; a misspelt `+model.hiden_dim=64` must not be ignored."""
+    found = []
+    schema = OmegaConf.get_type(cfg)
+    fields = getattr(schema, "__dataclass_fields__", None)
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if fields is not None and key not in fields:
+            found.append((dotted, sorted(fields)))
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            found += unknown_keys(node, f"{dotted}.")
+    return found
+
+
 def validate(cfg: DictConfig) -> TrainConfig:
     """Run every type, choice and range check; raise ConfigError naming the key and valid values."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        key, valid = unknown[0]
+        raise ConfigError(f"{key} is not a config key; valid keys there: {', '.join(valid)}")
     try:
         return OmegaConf.to_object(cfg)
     except ConfigError:

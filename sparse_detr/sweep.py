@@ -29,9 +29,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from sparse_detr import naming  # noqa: F401  (registers ${sparse_detr.variant:}, which run folders use)
 
 try:  # Hydra is a dependency; the callback base class is only needed when Hydra instantiates it
     from hydra.experimental.callback import Callback
@@ -40,7 +42,9 @@ except ImportError:  # pragma: no cover
 
 MANIFEST_NAME = "sweep_runs.json"
 SUBMITIT_DIR = ".submitit"
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# Hydra's basic sweeper, and the one conf/train.yaml selects: the same, launching each distinct run once
+BASIC_SWEEPERS = ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                  "hydra_plugins.sparse_detr_sweeper.distinct_runs_sweeper.DistinctRunsSweeper")
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 EXIT_INVALID = 2
 ACTIVE_WINDOW_S = 600   # files touched this recently: the run is taken to be running
@@ -77,7 +81,7 @@ def sweep_overrides(config: DictConfig, config_loader) -> Optional[list[list[str
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweeper = config.hydra.sweeper
-    if OmegaConf.select(sweeper, "_target_") != BASIC_SWEEPER:
+    if OmegaConf.select(sweeper, "_target_") not in BASIC_SWEEPERS:
         return None
     params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
     task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
@@ -109,19 +113,68 @@ def _message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_INVALID)
 
 
+def refuse_secrets(overrides: Sequence[str]) -> None:
+    """A value given on the command line is saved in the run folder (`.hydra/`, `command.txt`) and
+    recorded by W&B: a key that looks like a secret stops the run before anything is written.
+    The message names the key, never the value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sparse_detr.tracking import looks_secret
+
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if looks_secret(override.key_or_group):
+            fail(f"{override.key_or_group} looks like a secret; command-line values are saved in the run folder "
+                 "(.hydra/, command.txt) and by W&B, so pass it in the environment instead "
+                 "(W&B reads WANDB_API_KEY); nothing was started")
+
+
+def run_dirs_of_jobs(config: DictConfig, loader, jobs: Sequence[Sequence[str]]) -> list[Path]:
+    """The run folder each job of a sweep writes into (jobs that name the same model share one)."""
+    return [run_dir_of(loader.load_sweep_config(config, list(overrides))) for overrides in jobs]
+
+
+def distinct_jobs(jobs: Sequence[Sequence[str]], run_dirs: Sequence[Path]) -> tuple[list[int], dict[int, int]]:
+    """(indices of the jobs to launch: the first for each run folder, {duplicate index: the index it repeats})."""
+    first: dict[Path, int] = {}
+    kept, duplicates = [], {}
+    for num, run_dir in enumerate(run_dirs):
+        if run_dir in first:
+            duplicates[num] = first[run_dir]
+        else:
+            first[run_dir] = num
+            kept.append(num)
+    return kept, duplicates
+
+
+def _describe(num: int, overrides: Sequence[str]) -> str:
+    return f"#{num} ({' '.join(overrides) or 'no overrides'})"
+
+
 class ValidateSweep(Callback):
-    """Hydra callback: validate every run of a -m sweep before the launcher launches or submits."""
+    """Hydra callback: validate a run before Hydra makes its folder, and every run of a -m sweep
+    before the launcher launches or submits anything."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from sparse_detr.config import ConfigError, validate
+
+        refuse_secrets(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+        try:
+            with hydra_config_of(config):
+                validate(job_config(config))
+        except ConfigError as error:
+            fail(f"invalid configuration: {error}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.global_hydra import GlobalHydra
 
         from sparse_detr.config import ConfigError, validate
 
+        refuse_secrets(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
         loader = GlobalHydra.instance().config_loader()
         try:
             jobs = sweep_overrides(config, loader)
@@ -131,24 +184,29 @@ class ValidateSweep(Callback):
             print("warning: not the basic sweeper: runs are validated as they start", file=sys.stderr)
             return
         self._check_launcher(config)
-        # One batch (the default) is one job array: run i is array task i. With
-        # hydra.sweeper.max_batch_size each batch is an array of its own, submitted after the last.
-        one_array = config.hydra.sweeper.get("max_batch_size") in (None, -1)
-        runs = []
+        run_dirs = []
         for num, overrides in enumerate(jobs):
-            where = f"sweep run #{num} ({' '.join(overrides) or 'no overrides'})"
+            where = f"sweep run {_describe(num, overrides)}"
             try:
                 sweep_config = loader.load_sweep_config(config, list(overrides))
                 with hydra_config_of(sweep_config):
                     validate(job_config(sweep_config))
-                runs.append({"job_num": num, "overrides": list(overrides), "run_dir": str(run_dir_of(sweep_config)),
-                             **({"array_index": num} if one_array else {})})
+                run_dirs.append(run_dir_of(sweep_config))
             except ConfigError as error:
                 fail(f"invalid configuration: {error}\n  in {where}; nothing was launched")
             except Exception as error:  # a misspelt group option, a wrong type: Hydra's message
                 fail(f"invalid configuration in {where}; nothing was launched:\n{_message(error)}")
+        kept, duplicates = distinct_jobs(jobs, run_dirs)
         with hydra_config_of(config):
             sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        for num, same in duplicates.items():
+            print(f"sweep: run {_describe(num, jobs[num])} is the same model as run {_describe(same, jobs[same])} "
+                  f"({os.path.relpath(run_dirs[num], sweep_dir)}): launched once", file=sys.stderr)
+        # One batch (the default) is one job array: launched run i is array task i. With
+        # hydra.sweeper.max_batch_size each batch is an array of its own, submitted after the last.
+        one_array = config.hydra.sweeper.get("max_batch_size") in (None, -1)
+        runs = [{"job_num": position, "overrides": list(jobs[num]), "run_dir": str(run_dirs[num]),
+                 **({"array_index": position} if one_array else {})} for position, num in enumerate(kept)]
         choices = config.hydra.runtime.choices
         write_manifest(sweep_dir, runs, launcher=str(choices.get("hydra/launcher")),
                        cluster=str(choices.get("cluster", "")))

@@ -111,12 +111,17 @@ def resolve_mode(mode: Optional[str]) -> str:
     return env
 
 
+def looks_secret(key: str) -> bool:
+    """Whether a config key (`api_key`, `logger.wandb_token`, ...) names a secret: it contains
+    *key*, *token*, *secret*, *password*, *passwd* or *credential*."""
+    return any(word in str(key).lower() for word in SECRET_WORDS)
+
+
 def scrub_secrets(config: Any) -> Any:
-    """A copy of `config` whose values under keys naming a secret (*key*, *token*, *secret*,
-    *password*, ...) are replaced by "<redacted>", at any depth."""
+    """A copy of `config` whose values under keys naming a secret (`looks_secret`) are replaced
+    by "<redacted>", at any depth."""
     if isinstance(config, Mapping):
-        return {k: REDACTED if any(w in str(k).lower() for w in SECRET_WORDS) else scrub_secrets(v)
-                for k, v in config.items()}
+        return {k: REDACTED if looks_secret(k) else scrub_secrets(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [scrub_secrets(v) for v in config]
     return config

@@ -16,7 +16,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_detr import naming
 from sparse_detr.config import config_dir, reports_config_errors, validate
+
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
@@ -32,9 +34,11 @@ def record_run(cfg: DictConfig, run_dir: Path) -> None:
 
 def variant_name(cfg: DictConfig) -> str:
     """attention-placement-backbone-data[+other overrides]: what the run folder is named after."""
-    name = "-".join([cfg.attention.name, cfg.placement.name, cfg.backbone.name, cfg.data.name])
-    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
-    return f"{name}+{overrides}" if overrides else name
+    if not HydraConfig.initialized():
+        return naming.variant_name(cfg)
+    hydra_cfg = HydraConfig.get()
+    return naming.variant_name(cfg, list(hydra_cfg.overrides.task),
+                               list(hydra_cfg.job.config.override_dirname.exclude_keys))
 
 
 def name_tracking_run(cfg: DictConfig) -> None:
@@ -45,8 +49,9 @@ def name_tracking_run(cfg: DictConfig) -> None:
     logger.run_name = logger.run_name or f"{variant}/seed_{cfg.seed}"
     if not logger.tags:
         experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
-        logger.tags = [t for t in (experiment, cfg.attention.name, f"placement={cfg.placement.name}",
-                                   cfg.backbone.name, cfg.data.name) if t]
+        attention, placement = naming.attention_label(cfg).split("-", 1)
+        logger.tags = [t for t in (experiment, attention, f"placement={placement}", cfg.backbone.name,
+                                   naming.data_label(cfg)) if t]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

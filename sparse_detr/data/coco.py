@@ -13,8 +13,10 @@ skipped with a warning that counts it:
   missing, repeated or non-positive annotation ids -> renumbered (warning; COCOeval needs ids >= 1)
   crowd boxes                               -> kept for COCOeval, left out of training targets
   image without annotations                 -> kept: a valid negative, and part of evaluation
-  image that fails to decode or has the wrong size (found only when read) -> the next image is
+  image that fails to decode, claims more pixels than PIL will decode (a decompression bomb),
+  has the wrong size, or resizes to no pixels (found only when read) -> the next image is
                                                used instead (warning); ten in a row is an error
+  repeated image ids                        -> DataError naming them
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from sparse_detr.data.config import COCO_LAYOUT
+from sparse_detr.data.transforms import UnusableImage
+from sparse_detr.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ COCO_NUM_CLASSES = 91                 # DETR's convention: label = COCO category
 MAX_BAD_IN_A_ROW = 10
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data set on disk cannot be used as it is."""
 
 
@@ -91,6 +95,10 @@ def clean_annotations(data: dict, images_dir: Path, known_categories: set[int], 
             images.append(image)
         else:
             issues["images missing on disk (skipped)"] += 1
+    repeated = sorted(i for i, n in Counter(image["id"] for image in data["images"]).items() if n > 1)
+    if repeated:  # boxes are looked up by image id: one image would be trained with another's boxes
+        raise DataError(f"{source}: {len(repeated)} image ids are used by more than one image: "
+                        f"{repeated[:20]}{' ...' if len(repeated) > 20 else ''}; give every image its own id")
     if not images:
         raise DataError(f"{source}: none of the {len(data['images'])} images listed is in {images_dir}")
     by_id = {image["id"]: image for image in images}
@@ -200,13 +208,11 @@ class CocoDetection(torch.utils.data.Dataset):
             info = self.images[(index + attempt) % len(self.images)]
             path = self.images_dir / info["file_name"]
             try:
-                image = self._read(path, [info["height"], info["width"]])
-            except OSError as error:
+                return self.transforms(self._read(path, [info["height"], info["width"]]), self._target(info))
+            except (OSError, Image.DecompressionBombError, UnusableImage) as error:
                 self.unreadable += 1
-                log.warning("skipping unreadable image %s (%s); %d so far in this process",
-                            path, error, self.unreadable)
-                continue
-            return self.transforms(image, self._target(info))
+                log.warning("skipping unreadable image %s (%s: %s); %d so far in this process",
+                            path, type(error).__name__, error, self.unreadable)
         raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row, the last {path}; check the data set")
 
     @staticmethod

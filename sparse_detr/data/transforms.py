@@ -12,6 +12,11 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.ops import box_convert
 
+class UnusableImage(Exception):
+    """An image that decodes but cannot be transformed (e.g. 6000x1: resizing leaves no pixel row);
+    the data set skips it like an unreadable file."""
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -61,9 +66,11 @@ def resized_shape(height: int, width: int, size: int, max_size: int | None = Non
     short, long = min(height, width), max(height, width)
     if max_size is not None and long / short * size > max_size:
         size = int(round(max_size * short / long))
-    if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
+    shape = (int(size * height / width), size) if width < height else (size, int(size * width / height))
+    if min(shape) < 1:
+        raise UnusableImage(f"a {height}x{width} (h x w) image resizes to {shape[0]}x{shape[1]} pixels "
+                            f"(shorter side {size}, longer side at most {max_size})")
+    return shape
 
 
 class RandomResize:

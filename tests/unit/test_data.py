@@ -352,3 +352,45 @@ def test_collate_pads_to_the_largest_image_and_masks_the_padding(tmp_path):
     loader = torch.utils.data.DataLoader(build_dataset(shapes_cfg(tmp_path), "train"), batch_size=4, collate_fn=collate)
     batch, mask, targets = next(iter(loader))
     assert batch.shape[0] == 4 and mask.shape == (4, *batch.shape[-2:]) and len(targets) == 4
+
+
+def test_repeated_image_ids_are_an_error_naming_them(tmp_path):
+    """Boxes are looked up by image id: a repeated id would train one image with another's boxes."""
+    image_dir, ann_file = write_coco(tmp_path, [(1, 40, 30), (2, 40, 30), (3, 40, 30)],
+                                     [ann(1, 1, 7, [0, 0, 5, 5])], [7])
+    data = json.loads(ann_file.read_text())
+    data["images"] += [{**data["images"][0], "file_name": "3.png"}, {**data["images"][1], "file_name": "3.png"}]
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"2 image ids are used by more than one image: \[1, 2\]"):
+        build_dataset(coco_format_cfg(image_dir, ann_file), "val")
+
+
+def png_claiming(path, width: int, height: int) -> None:
+    """A small PNG whose header says width x height (a decompression bomb to PIL), CRC fixed up."""
+    import struct
+    import zlib
+
+    Image.new("RGB", (4, 4)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR: after the signature, length and type
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_images_that_resize_to_nothing_or_are_decompression_bombs_are_skipped_by_name(tmp_path, caplog, split):
+    image_dir, ann_file = write_coco(tmp_path, [(1, 6000, 1), (2, 40, 30), (3, 40, 30)], [], [7])
+    data = json.loads(ann_file.read_text())
+    data["images"][1].update(width=20000, height=20000)
+    ann_file.write_text(json.dumps(data))
+    png_claiming(image_dir / "2.png", 20000, 20000)
+    ds = build_dataset(coco_format_cfg(image_dir, ann_file), split)
+    with caplog.at_level(logging.WARNING):
+        image, target = ds[0]
+    assert target["image_id"].item() == 3 and ds.unreadable == 2 and image.shape[-2:] == tuple(target["size"])
+    assert "1.png (UnusableImage" in caplog.text and "2.png (DecompressionBombError" in caplog.text
+
+
+def test_a_resize_to_no_pixels_is_refused():
+    with pytest.raises(T.UnusableImage, match=r"a 1x6000 \(h x w\) image resizes to 0x0 pixels"):
+        T.resized_shape(1, 6000, 800, 1333)

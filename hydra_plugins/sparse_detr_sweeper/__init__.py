@@ -1,0 +1,1 @@
+"""sparse-detr's Hydra sweeper (Hydra loads sweepers from the `hydra_plugins` package only)."""
