@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import io
 import json
 import os
-import pickle
+import pickletools
 import re
 import shutil
 import subprocess
@@ -408,17 +409,28 @@ def submitit_jobs(sweep_dir: Path) -> dict[str, Path]:
     return {p.name: p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"\d+(_\d+)?", p.name)}
 
 
+SUBMITIT_OUTCOMES = ("success", "error")
+STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
 def submitit_result(folder: Path, job_id: str) -> str:
-    """'success' or 'error' when the job has written its result, else ''."""
+    """'success' or 'error' when the job has written its result, else ''.
+
+    submitit writes `("success", value)` or `("error", traceback)`. The file is never unpickled
+    (unpickling runs whatever code a crafted file names): the outcome is the first string the
+    pickle pushes, read from its opcodes by `pickletools.genops`, which decodes and executes nothing.
+    """
     path = folder / f"{job_id}_0_result.pkl"
-    if not path.is_file():
-        return ""
     try:
         with open(path, "rb") as handle:
-            outcome = pickle.load(handle)[0]
-        return str(outcome)
-    except Exception:
-        return "error" if b"error" in path.read_bytes()[:64] else ""
+            head = handle.read(4096)
+        for opcode, argument, _ in pickletools.genops(io.BytesIO(head)):
+            if opcode.name in ("PROTO", "FRAME"):
+                continue
+            return argument if opcode.name in STRING_OPCODES and argument in SUBMITIT_OUTCOMES else ""
+    except (OSError, ValueError):  # absent, unreadable, or not a pickle
+        pass
+    return ""
 
 
 def sacct_states(job_ids: Sequence[str]) -> Optional[dict[str, list[str]]]:
@@ -519,7 +531,7 @@ def sweep_status(sweep_dir: str | Path, use_sacct: bool = True, notes: Optional[
 
     slurm_ids = [j for r, j in job_of.items() if j and runs[r].get("launcher", "submitit_slurm") != "submitit_local"]
     scheduler = sacct_states(slurm_ids) if use_sacct else None
-    if slurm_ids and scheduler is None:
+    if slurm_ids and use_sacct and scheduler is None:
         notes.append("sacct did not answer: states of SLURM runs are judged from their folders")
 
     now, statuses = time.time(), []

@@ -134,3 +134,48 @@ def test_scheduler_states(scheduler, expected):
 def test_status_of_a_missing_folder_fails(tmp_path, capsys):
     assert main(["status", str(tmp_path / "nope")]) == 2
     assert "no sweep folder" in capsys.readouterr().err
+
+
+class _CreatesMarker:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("payload", ["whole", "inside_success"])
+def test_status_never_unpickles_a_result_file(tmp_path, capsys, payload):
+    import pickle
+
+    import cloudpickle
+
+    sweep = tmp_path / "sweep"
+    marker = tmp_path / "marker"
+    manifest(sweep, ["softmax", "sparsemax", "entmax15"], launcher="submitit_slurm")
+    results = {"softmax": _CreatesMarker(marker) if payload == "whole" else ("success", _CreatesMarker(marker)),
+               "sparsemax": ("success", {"AP": 0.1}), "entmax15": ("error", "Traceback ...")}
+    for i, (name, result) in enumerate(results.items()):
+        folder = sweep / ".submitit" / f"7_{i}"
+        folder.mkdir(parents=True)
+        (folder / f"7_{i}_0_result.pkl").write_bytes(cloudpickle.dumps(result, pickle.HIGHEST_PROTOCOL))
+        make_run(sweep, name, done_epochs=1, step=8, age_s=3600, hydra_job_id=f"7_{i}")
+    assert main(["status", str(sweep), "--no-sacct"]) == 0
+    assert not marker.exists(), "status ran code from a result file"
+    statuses = by_run(sweep_status(sweep, use_sacct=False))
+    assert statuses["softmax"].state == ("stopped" if payload == "whole" else "done")
+    assert statuses["sparsemax"].state == "done" and statuses["entmax15"].state == "failed"
+
+
+def test_no_sacct_means_no_remark_about_sacct(tmp_path, capsys, monkeypatch):
+    sweep = tmp_path / "sweep"
+    manifest(sweep, ["softmax"], launcher="submitit_slurm")
+    (sweep / ".submitit" / "5_0").mkdir(parents=True)
+    make_run(sweep, "softmax", done_epochs=1, step=8, age_s=3600, hydra_job_id="5_0")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert main(["status", str(sweep), "--no-sacct"]) == 0
+    assert "sacct did not answer" not in capsys.readouterr().out
+    assert main(["status", str(sweep)]) == 0
+    assert "sacct did not answer" in capsys.readouterr().out
