@@ -3,7 +3,7 @@
     sparse-detr-analyze checkpoint=outputs/run/checkpoint.pth          # or checkpoint=outputs/run
     sparse-detr-analyze checkpoint=RUN split=train max_images=200 threshold=1e-4 paibb_layers=[0,1,2,3,4,5]
     sparse-detr-analyze checkpoint=RUN figures.images=[0,7] figures.queries=[3,42] figures.score_threshold=0.3
-    sparse-detr-analyze checkpoint=RUN 'overrides=[data.root=/data/coco]' output_dir=/tmp/analysis
+    sparse-detr-analyze checkpoint=RUN 'overrides=["data.root=/data/coco"]' output_dir=/tmp/analysis
 
 The model is rebuilt from the config saved in the checkpoint. Writes into `output_dir` (default
 `<run folder>/analysis/`): sparsity.csv, paibb.csv, analysis.json, summary.md and figures/.

@@ -2,7 +2,7 @@
 
     sparse-detr-eval checkpoint=outputs/runs/shapes_demo/softmax-none-tiny-shapes/seed_42
     sparse-detr-eval checkpoint=RUN/checkpoint.pth split=train output=/tmp/train_ap.json
-    sparse-detr-eval checkpoint=RUN 'overrides=[data.root=/data/coco]' device=cuda
+    sparse-detr-eval checkpoint=RUN 'overrides=["data.root=/data/coco"]' device=cuda
 
 The model is rebuilt from the config saved in the checkpoint (`overrides` change it first).
 """
@@ -56,7 +56,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
 
     device = choose_device(args.device, 0)
-    trained = load_trained_model(args.checkpoint, args.overrides, device)
+    trained = load_trained_model(args.checkpoint, args.overrides, device, command="sparse-detr-eval")
     dataset = evaluation_dataset(trained.cfg.data, args.split)
     loader = make_loader(dataset, args.batch_size or trained.cfg.data.batch_size, trained.cfg.data.num_workers,
                          EpochSampler(len(dataset), seed=0, shuffle=False), drop_last=False)

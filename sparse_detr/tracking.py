@@ -67,6 +67,7 @@ STEP_METRICS = {
 }
 
 METRICS_FILE = "metrics.jsonl"
+SEGMENT = "segment"   # in every line of METRICS_FILE: when the process that wrote it started tracking
 REDACTED = "<redacted>"
 SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "credential")
 
@@ -144,9 +145,11 @@ def _number(value: Any) -> float | int:
 class Tracker:
     """The `none` backend, and the base of the others: appends every call to `metrics.jsonl`.
 
-    Each line is one call: `{"global_step": s, "time": t, "<group>/<name>": v, ...}` from `log`, or
-    `{"epoch": e, "time": t, ...}` from `log_epoch`. After a resume from an older checkpoint a step
-    can appear twice; readers keep the last line for it.
+    Each line is one call: `{"global_step": s, "time": t, "segment": t0, "<group>/<name>": v, ...}`
+    from `log`, or `{"epoch": e, "time": t, "segment": t0, ...}` from `log_epoch`; `segment` is the
+    time this process started tracking, so the time a run trained is the sum over its segments,
+    not counting the waits between a stop and its resume. After a resume from an older checkpoint
+    a step can appear twice; readers keep the last line for it.
     """
     backend = "none"
 
@@ -155,6 +158,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
+        self.segment = round(time.time(), 3)
         self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)  # line-buffered
 
     def log(self, metrics: Mapping[str, Any], *, step: int) -> None:
@@ -185,7 +189,7 @@ class Tracker:
                 raise ValueError(f"metric {key!r} cannot go through {call}; its key must start with "
                                  f"one of: {', '.join(g + '/' for g in valid)}")
             row[key] = _number(metric)
-        self._file.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
+        self._file.write(json.dumps({**row, "time": round(time.time(), 3), SEGMENT: self.segment}) + "\n")
         self._send(row)
 
     def _send(self, row: dict) -> None:

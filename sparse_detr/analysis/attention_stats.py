@@ -35,16 +35,17 @@ class TrainedModel:
 
 
 def load_trained_model(checkpoint: str | Path, overrides: Sequence[str] = (),
-                       device: str | torch.device = "cpu") -> TrainedModel:
+                       device: str | torch.device = "cpu", command: str = "sparse-detr-analyze") -> TrainedModel:
     """A `sparse-detr-train` checkpoint -> the model rebuilt from the checkpoint's saved config.
 
     `overrides` (dotlist, e.g. "data.root=/data/coco") change that config first, for a data set
-    that moved or a smaller batch.
+    that moved or a smaller batch. `command` (the program asking) is named when the checkpoint
+    holds weights only.
     """
     saved = load_training_checkpoint(checkpoint)
     if not saved.get("config") or "model" not in saved:
         raise ConfigError(f"checkpoint={str(checkpoint)!r} holds no saved config and model; "
-                          "analyze needs a checkpoint written by sparse-detr-train")
+                          f"{command} needs a checkpoint written by sparse-detr-train")
     try:
         changes = OmegaConf.from_dotlist(list(overrides))
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved["config"], changes)

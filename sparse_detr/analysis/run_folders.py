@@ -14,11 +14,11 @@ from omegaconf import OmegaConf
 
 from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
 from sparse_detr.engine.trainer import METRICS_NAME as EVAL_METRICS_NAME
-from sparse_detr.tracking import ALPHA, EPOCH_METRIC, METRICS_FILE, SPARSITY, STEP_METRIC, STEP_METRICS
+from sparse_detr.tracking import ALPHA, EPOCH_METRIC, METRICS_FILE, SEGMENT, SPARSITY, STEP_METRIC, STEP_METRICS
 
 ANALYSIS_DIR = "analysis"
 ANALYSIS_NAME = "analysis.json"
-KEPT = (STEP_METRIC, EPOCH_METRIC, "time")  # what every line of metrics.jsonl has besides its metrics
+KEPT = (STEP_METRIC, EPOCH_METRIC, "time", SEGMENT)  # what every line of metrics.jsonl has besides its metrics
 
 
 def is_run_folder(path: Path) -> bool:
@@ -94,9 +94,16 @@ def last_logged(rows: list[dict], prefix: str) -> dict[str, float]:
 
 
 def training_time_s(rows: list[dict]) -> float:
-    """Seconds from the first to the last line of the log (includes any wait before a resume); NaN if empty."""
-    times = [row["time"] for row in rows if "time" in row]
-    return max(times) - min(times) if times else math.nan
+    """Seconds the run trained: per segment (one process, from its start of tracking to its last
+    line), summed, so the waits between a stop and its resume do not count; NaN if empty.
+    Lines without a segment (logs written before segments were recorded) count from the first."""
+    spans: dict = {}
+    for row in rows:
+        if "time" in row:
+            start, end = spans.get(row.get(SEGMENT), (row["time"], row["time"]))
+            spans[row.get(SEGMENT)] = (min(start, row["time"]), max(end, row["time"]))
+    return sum(end - (segment if segment is not None else start) for segment, (start, end) in spans.items()) \
+        if spans else math.nan
 
 
 def parse_site_key(key: str) -> tuple[str, int, str]:

@@ -24,3 +24,36 @@ def test_eval_names_a_missing_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sparse_detr.evaluate", f"checkpoint={tmp_path}/nothing"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no such file" in result.stderr and "nothing" in result.stderr
+
+
+def test_a_weights_only_checkpoint_is_refused_by_name_of_eval(tmp_path):
+    import torch
+
+    torch.save({"model": {}}, tmp_path / "weights.pth")
+    result = subprocess.run([sys.executable, "-m", "sparse_detr.evaluate", f"checkpoint={tmp_path}/weights.pth"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "sparse-detr-eval needs a checkpoint written by sparse-detr-train" in result.stderr
+
+
+def test_the_overrides_lines_of_the_readme_and_the_docstrings_parse():
+    """Each `'overrides=[...]'` shown to users, taken verbatim, composes to a list of overrides."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from sparse_detr import analyze, evaluate
+    from sparse_detr.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    texts = {"evaluate": evaluate.__doc__, "analyze": analyze.__doc__ + (repo / "README.md").read_text()}
+    found = 0
+    for config_name, text in texts.items():
+        for line in text.splitlines():
+            if "overrides=[" not in line:
+                continue
+            quoted = re.search(r"'overrides=\[.*?\]'", line).group(0)
+            (token,) = shlex.split(quoted)
+            assert list(load_config([token], config_name=config_name).overrides) == ["data.root=/data/coco"], line
+            found += 1
+    assert found >= 4

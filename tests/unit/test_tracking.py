@@ -143,11 +143,11 @@ def test_none_backend_writes_jsonl_only_and_appends_on_resume(tmp_path):
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r.get("global_step", r.get("epoch")) for r in rows] == [0, 1, 0, 2, 1]
-    assert set(rows[0]) == {"global_step", "time", "train-main-metrics/loss", "train-metrics/loss_ce_0",
+    assert set(rows[0]) == {"global_step", "time", "segment", "train-main-metrics/loss", "train-metrics/loss_ce_0",
                             "train-extra-metrics/lr_group_0", "alpha/cross/layer_1/head_3",
                             "sparsity/cross/layer_1"}
-    assert rows[-1] == {"epoch": 1, "time": rows[-1]["time"], "train-epoch-main-metrics/loss": 0.4,
-                        "val-epoch-metrics/AP": 0.1}
+    assert rows[-1] == {"epoch": 1, "time": rows[-1]["time"], "segment": resumed.segment,
+                        "train-epoch-main-metrics/loss": 0.4, "val-epoch-metrics/AP": 0.1}
 
 
 def test_other_ranks_get_a_noop(tmp_path):
@@ -199,3 +199,18 @@ def test_logger_config_group(compose):
     assert validate(compose()).logger == LoggerConfig(name="none")
     with pytest.raises(ConfigError, match="online, offline, disabled"):
         validate(compose("logger=wandb", "logger.mode=sometimes"))
+
+
+def test_training_time_is_the_sum_of_the_segments_not_the_downtime_between(tmp_path, monkeypatch):
+    """A run that trained 20 s, waited an hour in the queue, and trained 30 s more trained 50 s."""
+    from sparse_detr import tracking
+    from sparse_detr.analysis.run_folders import read_metrics_log, training_time_s
+
+    clock = iter([1000.0, 1010.0, 1020.0, 4600.0, 4605.0, 4630.0])
+    monkeypatch.setattr(tracking.time, "time", lambda: next(clock))
+    for steps in ([1, 2], [3, 4]):
+        with build_tracker(LoggerConfig(name="none"), tmp_path, CONFIG) as tracker:
+            for step in steps:
+                tracker.log({"train-main-metrics/loss": 1.0}, step=step)
+    assert training_time_s(read_metrics_log(tmp_path)) == 50.0
+    assert training_time_s([{"time": 5.0}, {"time": 65.0}]) == 60.0  # a log from before segments: first to last
