@@ -3,6 +3,7 @@ submission (naming the key, the value and the choices), the cluster profiles pro
 lines their clusters need, and the console scripts find `conf/` from anywhere, installed or not."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -249,6 +250,7 @@ def test_the_wheel_ships_conf_and_runs_without_the_source_tree(tmp_path):
         for option in options(group):
             assert f"sparse_detr/conf/{group}/{option}.yaml" in names
     assert "sparse_detr/conf/train.yaml" in names
+    assert "hydra_plugins/sparse_detr_sweeper/distinct_runs_sweeper.py" in names  # the sweeper train.yaml selects
 
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)
@@ -271,3 +273,76 @@ def test_a_learned_alpha_must_start_strictly_inside_its_range(compose):
     with pytest.raises(ConfigError, match=r"attention.alpha \(learned, initial\)=2.0 .*\(1.01, 2.0\)"):
         validate(compose("attention=alpha_entmax", "attention.alpha=2.0"))
     validate(compose("attention=alpha_entmax", "attention.alpha=2.0", "attention.learn_alpha=false"))
+
+
+# ------------------------------------------------------------------------------ user errors: one line, exit 2
+
+TRAIN = [sys.executable, "-m", "sparse_detr.train", "experiment=smoke", "train.progress=off"]
+
+
+def one_error_line(result) -> str:
+    """The stderr of a run stopped by a user error: exit 2, one `error:` line, no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return line
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+model.hiden_dim=64"], "model.hiden_dim is not a config key; valid keys there: aux_loss, dec_layers"),
+    (["optim.lr=nan"], "optim.lr=nan is not a number"),
+    (["model.dropout=nan"], "model.dropout=nan is not a number"),
+    (["attention=alpha_entmax", "attention.alpha=nan"], "attention.alpha=nan is not a number"),
+    (["backbone=resnet18", "backbone.dilation=true"], "with backbone.dilation=true)='resnet18' is not valid; choose one of: resnet50, resnet101"),
+    (["resume=/nowhere/checkpoint.pth"], "resume='/nowhere/checkpoint.pth': no such file"),
+    (["init_from=/nowhere/detr.pth"], "init_from='/nowhere/detr.pth': no such file"),
+])
+def test_a_bad_run_stops_with_one_line_before_anything_is_built_or_written(tmp_path, overrides, message):
+    result = run([*TRAIN, *overrides], tmp_path)
+    assert message in one_error_line(result)
+    assert not list(tmp_path.iterdir()), "nothing is written, not even the run folder"
+
+
+def test_nan_fails_every_range_check():
+    from sparse_detr.config import check_range
+
+    for bounds in ({}, {"low": 0.0}, {"high": 1.0}, {"low": 0.0, "high": 1.0, "low_open": True}):
+        with pytest.raises(ConfigError, match="is not a number"):
+            check_range("x", float("nan"), **bounds)
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_secret_on_the_command_line_stops_the_run_and_is_written_nowhere(tmp_path, sweep):
+    sweep_args = ["seed=1,2", f"hydra.sweep.dir={tmp_path}/sweep"] if sweep else []
+    result = run([*TRAIN[:3], *(["-m"] if sweep else []), *TRAIN[3:], *sweep_args, "logger=wandb",
+                  "+logger.api_key=S3CRET-VALUE"], tmp_path)
+    line = one_error_line(result)
+    assert "logger.api_key looks like a secret" in line and "WANDB_API_KEY" in line
+    assert "S3CRET-VALUE" not in result.stderr + result.stdout
+    assert not list(tmp_path.iterdir()), "nothing is written: no run folder, no .hydra/, no command.txt"
+
+
+def test_a_missing_data_set_is_one_line_not_a_traceback(tmp_path):
+    data = ["data=coco_format", f"data.train_images={tmp_path}/none", f"data.train_annotations={tmp_path}/none.json",
+            f"data.val_images={tmp_path}/none", f"data.val_annotations={tmp_path}/none.json"]
+    line = one_error_line(run([*TRAIN, *data, f"hydra.run.dir={tmp_path}/run"], tmp_path))
+    assert line == f"error: annotation file not found: {tmp_path}/none.json"
+    line = one_error_line(run([*TRAIN, "data=coco", f"data.root={tmp_path}/coco", f"hydra.run.dir={tmp_path}/run"],
+                              tmp_path))
+    assert line.startswith(f"error: COCO 2017 not found: missing {tmp_path}/coco/train2017") and "instances_val2017" in line
+
+
+def test_a_sweep_that_asks_for_one_model_twice_trains_it_once(tmp_path):
+    """sparsemax and entmax15 placed nowhere are both the softmax baseline."""
+    sweep = tmp_path / "sweep"
+    result = run([*TRAIN[:3], "-m", *TRAIN[3:], "attention=sparsemax,entmax15", "placement=none", "train.max_steps=1",
+                  f"hydra.sweep.dir={sweep}"], tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run #1 (experiment=smoke train.progress=off attention=entmax15 placement=none train.max_steps=1) " \
+           "is the same model as run #0" in result.stderr
+    manifest = json.loads((sweep / "sweep_runs.json").read_text())["runs"]
+    assert [r["run_dir"] for r in manifest] == ["softmax-none-tiny-shapes/seed_42"]
+    run_folders = sorted(p.parent.relative_to(sweep).as_posix() for p in sweep.rglob("config.yaml")
+                         if ".hydra" not in p.parts)
+    assert run_folders == [manifest[0]["run_dir"]]
+    assert (sweep / manifest[0]["run_dir"] / "command.txt").read_text().count("\n") == 1, "trained once"
