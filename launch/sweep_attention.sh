@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The attention grid: 4 mappings x 3 placements = 12 runs, on one cluster profile, with the
-# launcher in the background (hydra-submitit-launcher waits until every job has ended; this keeps
-# it off your terminal, so you can log out). Re-running the same command resumes every unfinished
-# run from its own checkpoint and leaves finished ones as they are.
+# The attention grid: 4 mappings x 3 placements (10 distinct runs: softmax at any site is one
+# model, trained once), on one cluster profile, with the launcher in the background
+# (hydra-submitit-launcher waits until every job has ended; this keeps it off your terminal, so
+# you can log out). Re-running the same command resumes every unfinished run from its own
+# checkpoint and leaves finished ones as they are.
 #
 #   bash launch/sweep_attention.sh local_slurm experiment=smoke          # the local test cluster
 #   SPARSE_DETR_ACCOUNT=berzelius-2025-123 \
