@@ -17,6 +17,7 @@ from sparse_detr.engine.checkpoint import (CHECKPOINT_NAME, atomic_save, load_tr
 from sparse_detr.engine.loop import TrainState, evaluate, train_one_epoch, unwrap
 from sparse_detr.engine.optim import build_optimizer, build_scheduler
 from sparse_detr.engine.preemption import PreemptionGuard
+from sparse_detr.errors import ConfigError
 from sparse_detr.engine.sampling import EpochSampler, SeededSamples
 from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
 from sparse_detr.metrics.sparsity import SparsityAccumulator
@@ -77,7 +78,7 @@ class Trainer:
         self.train_sampler = EpochSampler(len(train_set), cfg.seed, True, self.ctx.rank, self.ctx.world_size)
         self.batches_per_epoch = len(self.train_sampler) // cfg.data.batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(self.train_sampler)} "
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(self.train_sampler)} "
                              f"training images each process gets; lower it or add images")
         self.val_sampler = EpochSampler(len(self.val_set), cfg.seed, False, self.ctx.rank, self.ctx.world_size)
         self.tracker_run_id = None

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
+from sparse_detr.errors import ConfigError
 from sparse_detr.models.position_encoding import build_position_encoding
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
@@ -29,14 +30,14 @@ RESNET_WEIGHT_FILES = {
 def read_resnet_weights(name: str, weights: str | None) -> dict[str, torch.Tensor]:
     """Load ImageNet weights from a local file; nothing is ever downloaded."""
     if weights is None:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"backbone.pretrained=true needs a local weights file, and nothing can be downloaded here. "
             f"Fetch torchvision's {name} ImageNet weights ({RESNET_WEIGHT_FILES.get(name, name + '.pth')}) "
             f"on a machine with internet, copy the file here and pass backbone.weights=/path/to/that/file."
         )
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"backbone.weights={weights!r}: no such file")
+        raise ConfigError(f"backbone.weights={weights!r}: no such file")
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("model", state) if isinstance(state, dict) else state
 
@@ -53,7 +54,7 @@ class ResNetBody(nn.Module):
             missing, unexpected = resnet.load_state_dict(read_resnet_weights(name, weights), strict=False)
             unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
             if missing or unexpected:
-                raise ValueError(f"backbone.weights={weights!r} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise ConfigError(f"backbone.weights={weights!r} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for parameter_name, parameter in resnet.named_parameters():
             if not train_backbone or not parameter_name.startswith(("layer2", "layer3", "layer4")):
                 parameter.requires_grad_(False)

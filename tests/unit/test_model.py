@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparse_detr import build_model, load_config
-from sparse_detr.config import MAPPING_NAMES, SITES
+from sparse_detr.config import MAPPING_NAMES, SITES, ConfigError
 from sparse_detr.models.attention import MultiheadAttention
 from sparse_detr.models.detr import PostProcess
 from sparse_detr.models.detr_checkpoint import load_detr_weights, read_checkpoint, save_detr_weights
@@ -223,7 +223,7 @@ def test_dilation_halves_the_stride():
 
 def test_pretrained_without_a_local_file_says_what_to_provide(compose):
     cfg = compose("backbone=resnet18", "backbone.pretrained=true")
-    with pytest.raises(FileNotFoundError, match=r"resnet18-f37072fd\.pth.*backbone\.weights="):
+    with pytest.raises(ConfigError, match=r"resnet18-f37072fd\.pth.*backbone\.weights="):
         build_model(cfg)
 
 
