@@ -4,10 +4,13 @@
     sparse-detr-sweep status outputs/sweeps/smoke --watch 30 # the same, every 30 s
     sparse-detr-sweep sbatch cluster=berzelius               # the sbatch script a profile submits
 
-`ValidateSweep` is a Hydra callback (registered in conf/train.yaml). Before the launcher starts or
-submits anything, it composes every run of a `-m` sweep the way the launcher will, validates it,
-and checks that the launcher's settings resolve (e.g. `$SPARSE_DETR_ACCOUNT`); on any error it
-names the run and the bad value and exits with status 2. It then records the sweep's runs in
+`ValidateSweep` is a Hydra callback (registered in conf/train.yaml). A single run is validated
+before Hydra makes its folder. Before the launcher starts or submits anything, it composes every
+run of a `-m` sweep the way the launcher will, validates it, and checks that the launcher's
+settings resolve (e.g. `$SPARSE_DETR_ACCOUNT`); on any error it names the run and the bad value
+and exits with status 2. A key that looks like a secret stops either, naming the key only. Jobs
+that get the same run folder are the same run: it names them, and the sweeper conf/train.yaml
+selects (hydra_plugins/sparse_detr_sweeper) launches each once. It then records the launched runs in
 `<sweep dir>/sweep_runs.json`, which `status` reads to list runs that have not started yet.
 
 `status` states: `pending` (not started), `running`, `requeued` (signalled and waiting to run
@@ -43,9 +46,9 @@ except ImportError:  # pragma: no cover
 
 MANIFEST_NAME = "sweep_runs.json"
 SUBMITIT_DIR = ".submitit"
-# Hydra's basic sweeper, and the one conf/train.yaml selects: the same, launching each distinct run once
-BASIC_SWEEPERS = ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
-                  "hydra_plugins.sparse_detr_sweeper.distinct_runs_sweeper.DistinctRunsSweeper")
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# what conf/train.yaml selects (hydra/sweeper=distinct_runs): the basic sweeper, each distinct run launched once
+DISTINCT_RUNS_SWEEPER = "hydra_plugins.sparse_detr_sweeper.distinct_runs_sweeper.DistinctRunsSweeper"
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 EXIT_INVALID = 2
 ACTIVE_WINDOW_S = 600   # files touched this recently: the run is taken to be running
@@ -82,7 +85,7 @@ def sweep_overrides(config: DictConfig, config_loader) -> Optional[list[list[str
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweeper = config.hydra.sweeper
-    if OmegaConf.select(sweeper, "_target_") not in BASIC_SWEEPERS:
+    if OmegaConf.select(sweeper, "_target_") not in (BASIC_SWEEPER, DISTINCT_RUNS_SWEEPER):
         return None
     params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
     task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
@@ -198,11 +201,15 @@ class ValidateSweep(Callback):
             except Exception as error:  # a misspelt group option, a wrong type: Hydra's message
                 fail(f"invalid configuration in {where}; nothing was launched:\n{_message(error)}")
         kept, duplicates = distinct_jobs(jobs, run_dirs)
+        if config.hydra.sweeper._target_ != DISTINCT_RUNS_SWEEPER:  # hydra/sweeper=basic launches every job
+            kept, once = list(range(len(jobs))), "launched again into the same folder (hydra/sweeper=basic)"
+        else:
+            once = "launched once"
         with hydra_config_of(config):
             sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         for num, same in duplicates.items():
             print(f"sweep: run {_describe(num, jobs[num])} is the same model as run {_describe(same, jobs[same])} "
-                  f"({os.path.relpath(run_dirs[num], sweep_dir)}): launched once", file=sys.stderr)
+                  f"({os.path.relpath(run_dirs[num], sweep_dir)}): {once}", file=sys.stderr)
         # One batch (the default) is one job array: launched run i is array task i. With
         # hydra.sweeper.max_batch_size each batch is an array of its own, submitted after the last.
         one_array = config.hydra.sweeper.get("max_batch_size") in (None, -1)
