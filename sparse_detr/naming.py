@@ -34,6 +34,7 @@ from sparse_detr.config import SITES
 from sparse_detr.tracking import looks_secret
 
 SOFTMAX = "softmax"
+MIXED = "mixed"        # the attention of a model with several sparse mappings
 # the sites that use the mapping -> the `placement=` option with those sites (conf/placement/)
 PLACEMENT_OF_SITES = {
     frozenset(): "none",
@@ -72,18 +73,23 @@ def site_mappings(cfg: Any) -> dict[str, str]:
     return {site: str(_select(cfg, f"placement.{site}") or SOFTMAX) for site in SITES}
 
 
-def attention_label(cfg: Any) -> str:
-    """`<mapping>-<placement>` of what runs at each site (see the module docstring)."""
-    mappings = site_mappings(cfg)
-    sparse = {site: m for site, m in mappings.items() if m != SOFTMAX}
+def attention_and_placement(cfg: Any) -> tuple[str, str]:
+    """(attention, placement) of what runs at each site: ("softmax", "none") when every site is
+    softmax, (mapping, placement) for one mapping (placement named as in conf/placement/, else its
+    sites joined by `_`), ("mixed", `<site>_<mapping>-...`) for several mappings."""
+    sparse = {site: m for site, m in site_mappings(cfg).items() if m != SOFTMAX}
     kinds = set(sparse.values())
     if not kinds:
-        return f"{SOFTMAX}-none"
-    if len(kinds) == 1 and frozenset(sparse) in PLACEMENT_OF_SITES:
-        return f"{kinds.pop()}-{PLACEMENT_OF_SITES[frozenset(sparse)]}"
+        return SOFTMAX, "none"
     if len(kinds) == 1:
-        return f"{kinds.pop()}-{'_'.join(sparse)}"
-    return "-".join(f"{site}_{mapping}" for site, mapping in sparse.items())
+        return kinds.pop(), PLACEMENT_OF_SITES.get(frozenset(sparse), "_".join(sparse))
+    return MIXED, "-".join(f"{site}_{mapping}" for site, mapping in sparse.items())
+
+
+def attention_label(cfg: Any) -> str:
+    """`<mapping>-<placement>`, or for several mappings `<site>_<mapping>-...` (see the module docstring)."""
+    attention, placement = attention_and_placement(cfg)
+    return placement if attention == MIXED else f"{attention}-{placement}"
 
 
 def data_label(cfg: Any) -> str:

@@ -49,7 +49,7 @@ def name_tracking_run(cfg: DictConfig) -> None:
     logger.run_name = logger.run_name or f"{variant}/seed_{cfg.seed}"
     if not logger.tags:
         experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
-        attention, placement = naming.attention_label(cfg).split("-", 1)
+        attention, placement = naming.attention_and_placement(cfg)
         logger.tags = [t for t in (experiment, attention, f"placement={placement}", cfg.backbone.name,
                                    naming.data_label(cfg)) if t]
 

@@ -16,6 +16,7 @@ from sparse_detr.analysis.attention_stats import site_summary
 from sparse_detr.analysis.run_folders import (ANALYSIS_DIR, ANALYSIS_NAME, EVAL_METRICS_NAME, logged_sparsity,
                                               read_json, read_metrics_log, run_config, select, training_time_s)
 from sparse_detr.config import SITES
+from sparse_detr.naming import attention_and_placement
 from sparse_detr.tracking import SPARSITY
 
 VARIANT_COLUMNS = ("attention", "placement", "backbone", "data")
@@ -23,13 +24,11 @@ TIME_COLUMN = "train_time_s"
 
 
 def variant_of(config: dict, extra_keys: Sequence[str] = ()) -> dict[str, str]:
-    """attention/placement/backbone/data labels of a run (+ extra keys). A run whose three sites
-    all use softmax is the softmax baseline, whatever `attention.name` says."""
-    mappings = {select(config, f"placement.{site}", "softmax") for site in SITES}
-    attention, placement = select(config, "attention.name", "?"), select(config, "placement.name", "?")
-    if mappings == {"softmax"}:
-        attention, placement = "softmax", "none"
-    elif attention == "alpha_entmax":
+    """attention/placement/backbone/data labels of a run (+ extra keys), named after what runs at
+    each site as run folders are (`sparse_detr.naming`): all softmax is the softmax baseline,
+    whatever `attention.name` says."""
+    attention, placement = attention_and_placement(config)
+    if attention == "alpha_entmax":
         alpha = select(config, "attention.alpha")
         attention += f" (learned, init {alpha})" if select(config, "attention.learn_alpha") else f" ({alpha})"
     return {"attention": attention, "placement": placement, "backbone": str(select(config, "backbone.name", "?")),

@@ -96,3 +96,16 @@ def test_the_wandb_group_and_run_name_are_the_run_folders_names():
         assert job.logger.tags == ["smoke", "softmax", "placement=none", "tiny", "shapes"]
     finally:
         HydraConfig.instance().cfg = previous
+
+
+def test_the_report_labels_a_variant_as_its_run_folder_does():
+    from sparse_detr.analysis.sweep_table import variant_of
+
+    def config(name, placement, **sites):
+        return {"attention": {"name": name}, "backbone": {"name": "tiny"}, "data": {"name": "shapes"},
+                "placement": {"name": placement, **{s: sites.get(s, "softmax") for s in ("encoder", "decoder", "cross")}}}
+
+    assert variant_of(config("sparsemax", "none"))["attention"] == "softmax"
+    mixed = variant_of(config("softmax", "none", encoder="sparsemax", cross="entmax15"))
+    assert (mixed["attention"], mixed["placement"]) == ("mixed", "encoder_sparsemax-cross_entmax15")
+    assert variant_of(config("entmax15", "cross", cross="entmax15"))["placement"] == "cross"
