@@ -214,23 +214,20 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
-    def __post_init__(self):
-        for key in ("resume", "init_from"):  # found now, not after the model and the data are built
-            path = getattr(self, key)
-            if path and not Path(path).is_file():
-                raise ConfigError(f"{key}={path!r}: no such file (give the path of a checkpoint .pth file)")
-
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 # `${sparse_detr.product:${hydra.launcher.nodes},${hydra.launcher.tasks_per_node}}`: GPUs of a SLURM job.
 OmegaConf.register_new_resolver("sparse_detr.product", lambda *factors: math.prod(int(f) for f in factors), replace=True)
 
 
+RUN_CHECKPOINT = "checkpoint.pth"   # a run folder's own checkpoint
+
+
 def checkpoint_file(path: str) -> str:
     """A checkpoint given as the file or as the run folder holding `checkpoint.pth`."""
     resolved = Path(path).expanduser()
     if resolved.is_dir():
-        resolved = resolved / "checkpoint.pth"
+        resolved = resolved / RUN_CHECKPOINT
     if not resolved.is_file():
         raise ConfigError(f"checkpoint={path!r}: no such file (give a checkpoint.pth or its run folder)")
     return str(resolved)
@@ -290,6 +287,20 @@ def validate(cfg: DictConfig) -> TrainConfig:
         raise
     except Exception as error:  # omegaconf's own validation errors carry the key and value
         raise ConfigError(str(error)) from error
+
+
+def validate_run(cfg: DictConfig, run_dir: str | Path) -> TrainConfig:
+    """`validate`, and what starting training in `run_dir` needs: the files of `resume=` and
+    `init_from=` exist, so a typo is found now, not after the model and the data are built. (A run
+    folder that holds its own checkpoint resumes from that, so a file moved since is no error; a
+    saved config checked by `sparse-detr-eval` elsewhere is not a start, and skips this.)"""
+    checked = validate(cfg)
+    if not (Path(run_dir) / RUN_CHECKPOINT).is_file():
+        for key in ("resume", "init_from"):
+            path = getattr(checked, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{key}={path!r}: no such file (give the path of a checkpoint .pth file)")
+    return checked
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

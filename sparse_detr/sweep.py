@@ -28,9 +28,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Optional, Sequence
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sparse_detr import naming  # noqa: F401  (registers ${sparse_detr.variant:}, which run folders use)
+from sparse_detr.config import ConfigError, config_dir, validate_run
+from sparse_detr.tracking import looks_secret
 from sparse_detr.errors import EXIT_USER_ERROR as EXIT_INVALID
 from sparse_detr.sweep_status import format_table, sweep_status, write_manifest
 
@@ -67,7 +70,6 @@ def sweep_overrides(config: DictConfig, config_loader) -> Optional[list[list[str
     """The override list of every run of the sweep, as Hydra's basic sweeper expands it
     (`hydra.sweeper.params` and the command line); None for another sweeper."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweeper = config.hydra.sweeper
     if OmegaConf.select(sweeper, "_target_") not in (BASIC_SWEEPER, DISTINCT_RUNS_SWEEPER):
@@ -111,10 +113,6 @@ def refuse_secrets(overrides: Sequence[str]) -> None:
     """A value given on the command line is saved in the run folder (`.hydra/`, `command.txt`) and
     recorded by W&B: a key that looks like a secret stops the run before anything is written.
     The message names the key, never the value."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from sparse_detr.tracking import looks_secret
-
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         if looks_secret(override.key_or_group):
             fail(f"{override.key_or_group} looks like a secret; command-line values are saved in the run folder "
@@ -149,19 +147,16 @@ class ValidateSweep(Callback):
     before the launcher launches or submits anything."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from sparse_detr.config import ConfigError, validate
-
         refuse_secrets(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
         try:
             with hydra_config_of(config):
-                validate(job_config(config))
+                task = job_config(config)
+                validate_run(task, task.output_dir or config.hydra.run.dir)
         except ConfigError as error:
             fail(f"invalid configuration: {error}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.global_hydra import GlobalHydra
-
-        from sparse_detr.config import ConfigError, validate
 
         refuse_secrets(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
         loader = GlobalHydra.instance().config_loader()
@@ -178,9 +173,9 @@ class ValidateSweep(Callback):
             where = f"sweep run {_describe(num, overrides)}"
             try:
                 sweep_config = loader.load_sweep_config(config, list(overrides))
-                with hydra_config_of(sweep_config):
-                    validate(job_config(sweep_config))
                 run_dirs.append(run_dir_of(sweep_config))
+                with hydra_config_of(sweep_config):
+                    validate_run(job_config(sweep_config), run_dirs[-1])
             except ConfigError as error:
                 fail(f"invalid configuration: {error}\n  in {where}; nothing was launched")
             except Exception as error:  # a misspelt group option, a wrong type: Hydra's message
@@ -230,8 +225,6 @@ def compose_with_hydra(overrides: Sequence[str], config_name: str = "train") -> 
     """The config with its `hydra` node, as the launcher sees it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from sparse_detr.config import config_dir
 
     # The job name the entry point has (`sparse-detr-train` runs the `train` module).
     overrides = [f"hydra.job.name={config_name}", *overrides]

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr import naming
-from sparse_detr.config import config_dir, reports_config_errors, validate
+from sparse_detr.config import config_dir, reports_config_errors, validate_run
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -56,10 +56,10 @@ def name_tracking_run(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, then run (or resume) the training in its run folder; returns the final COCO metrics."""
-    validate(cfg)
+    run_dir = run_dir_of(cfg)
+    validate_run(cfg, run_dir)
     from sparse_detr.engine.trainer import Trainer  # heavy imports after the config is known good
 
-    run_dir = run_dir_of(cfg)
     name_tracking_run(cfg)
     record_run(cfg, run_dir)
     trainer = Trainer(cfg, run_dir)

@@ -346,3 +346,15 @@ def test_a_sweep_that_asks_for_one_model_twice_trains_it_once(tmp_path):
                          if ".hydra" not in p.parts)
     assert run_folders == [manifest[0]["run_dir"]]
     assert (sweep / manifest[0]["run_dir"] / "command.txt").read_text().count("\n") == 1, "trained once"
+
+
+def test_a_missing_resume_file_is_no_error_once_the_run_has_its_own_checkpoint_or_is_only_evaluated(tmp_path):
+    from sparse_detr.config import validate_run
+
+    cfg = load_config(["experiment=smoke", f"resume={tmp_path}/moved.pth", f"init_from={tmp_path}/gone.pth"])
+    with pytest.raises(ConfigError, match="resume=.*moved.pth'?: no such file"):
+        validate_run(cfg, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pth").write_bytes(b"")  # a requeue: the run resumes from its own file
+    validate_run(cfg, tmp_path / "run")
+    validate(cfg)  # sparse-detr-eval checks a saved config on another machine: the files are not needed
