@@ -1,8 +1,10 @@
 """Structured configs for every entry point, and the checks that run before any work.
 
 The dataclasses are registered in Hydra's ConfigStore as the schema of `conf/train.yaml`, so
-Hydra rejects unknown keys and wrongly typed values while composing. Range and choice checks
-live in `__post_init__` and run when `validate(cfg)` turns the composed config into objects.
+Hydra rejects unknown keys and wrongly typed values while composing; a key added with `+`, which
+Hydra lets through, is rejected by `validate`. Range and choice checks live in `__post_init__`
+and run when `validate(cfg)` turns the composed config into objects. Every error is a
+`ConfigError` (sparse_detr/errors.py): one `error:` line and exit status 2 at the entry points.
 """
 from __future__ import annotations
 
