@@ -17,12 +17,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.data.config import DataConfig
+from sparse_detr.sites import SITES
 from sparse_detr.tracking import LoggerConfig
 
+# The mapping names of conf/attention/*.yaml, in the order messages list them; the registry
+# `sparse_detr.models.mappings.MAPPINGS` has exactly these keys (a test holds the three equal).
 MAPPING_NAMES = ("softmax", "sparsemax", "entmax15", "alpha_entmax")
 MAPPING_IMPLS = ("fast", "eager", "reference")
 ALPHA_FLOOR = 1.01  # learned alpha lives in (ALPHA_FLOOR, 2]: entmax_bisect breaks at alpha = 1
-SITES = ("encoder", "decoder", "cross")
 BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
 POSITION_EMBEDDINGS = ("sine", "learned")
 
