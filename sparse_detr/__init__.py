@@ -12,7 +12,8 @@ def build_model(cfg):
 
 
 def attention_mapping(name: str, **params):
-    """A mapping module from the registry; see `sparse_detr.models.mappings.attention_mapping`."""
+    """A mapping module from the registry `sparse_detr.models.mappings.MAPPINGS`; see
+    `sparse_detr.models.mappings.attention_mapping`."""
     from sparse_detr.models.mappings import attention_mapping as _mapping
 
     return _mapping(name, **params)

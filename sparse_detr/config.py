@@ -20,12 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.data.config import DataConfig
 from sparse_detr.errors import EXIT_USER_ERROR, ConfigError, UserError, one_line
+from sparse_detr.sites import SITES
 from sparse_detr.tracking import LoggerConfig
 
+# The mapping names of conf/attention/*.yaml, in the order messages list them; the registry
+# `sparse_detr.models.mappings.MAPPINGS` has exactly these keys (a test holds the three equal).
 MAPPING_NAMES = ("softmax", "sparsemax", "entmax15", "alpha_entmax")
 MAPPING_IMPLS = ("fast", "eager", "reference")
 ALPHA_FLOOR = 1.01  # learned alpha lives in (ALPHA_FLOOR, 2]: entmax_bisect breaks at alpha = 1
-SITES = ("encoder", "decoder", "cross")
 BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
 DILATED_BACKBONES = ("resnet50", "resnet101")   # DETR's DC5: bottleneck ResNets only
 POSITION_EMBEDDINGS = ("sine", "learned")

@@ -30,7 +30,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_detr.config import SITES
+from sparse_detr.sites import SITES
 from sparse_detr.tracking import looks_secret
 
 SOFTMAX = "softmax"

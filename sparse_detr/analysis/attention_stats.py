@@ -13,7 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from sparse_detr.config import SITES, ConfigError, TrainConfig, validate
+from sparse_detr.config import ConfigError, TrainConfig, validate
+from sparse_detr.sites import SITES
 from sparse_detr.data.collate import collate
 from sparse_detr.engine.checkpoint import load_training_checkpoint
 from sparse_detr.engine.loop import to_device

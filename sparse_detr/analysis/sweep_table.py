@@ -15,8 +15,8 @@ from pathlib import Path
 from sparse_detr.analysis.attention_stats import site_summary
 from sparse_detr.analysis.run_folders import (ANALYSIS_DIR, ANALYSIS_NAME, EVAL_METRICS_NAME, logged_sparsity,
                                               read_json, read_metrics_log, run_config, select, training_time_s)
-from sparse_detr.config import SITES
 from sparse_detr.naming import attention_and_placement
+from sparse_detr.sites import SITES
 from sparse_detr.tracking import SPARSITY
 
 VARIANT_COLUMNS = ("attention", "placement", "backbone", "data")

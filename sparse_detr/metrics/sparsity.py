@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from sparse_detr.sites import SITE_BY_NAME
+
 METRICS = ("zero_ratio", "near_zero_ratio", "gini", "support", "entropy")
 
 
@@ -89,8 +91,9 @@ def attention_sparsity(
 def site_masks(site: str, feature_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(key mask, query mask) of a site's weights, True on padding: encoder self-attention is over
     the feature map both ways, cross-attention has padded keys only, decoder self-attention none."""
-    keys = feature_mask.flatten(1)
-    return {"encoder": (keys, keys), "cross": (keys, None), "decoder": (None, None)}[site]
+    cells = feature_mask.flatten(1)
+    kind = SITE_BY_NAME[site]
+    return (cells if kind.grid_keys else None), (cells if kind.grid_queries else None)
 
 
 class SparsityAccumulator:

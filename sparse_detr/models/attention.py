@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_detr.models.mappings import attention_mapping
+from sparse_detr.models.mappings.base import Softmax
 
 
 class MultiheadAttention(nn.Module):
@@ -27,7 +27,7 @@ class MultiheadAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
-        self.mapping = mapping if mapping is not None else attention_mapping("softmax")
+        self.mapping = mapping if mapping is not None else Softmax()
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:

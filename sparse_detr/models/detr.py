@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
 
-from sparse_detr.config import SITES
 from sparse_detr.data.collate import pad_images
 from sparse_detr.models.backbone import Joiner, build_backbone
-from sparse_detr.models.mappings import attention_mapping
+from sparse_detr.models.mappings import MAPPINGS
 from sparse_detr.models.transformer import Transformer
+from sparse_detr.sites import SITES
 
 
 class MLP(nn.Module):
@@ -90,14 +90,9 @@ class PostProcess(nn.Module):
 
 
 def site_mapping_factories(cfg) -> dict:
-    """One factory per site, from `placement.<site>` (a mapping name) and `attention.*` params."""
-    heads = cfg.model.nheads
-
+    """One factory per site: the kind named by `placement.<site>`, built from `attention.*`."""
     def factory(name: str):
-        if name == "alpha_entmax":
-            return lambda: attention_mapping(name, num_heads=heads, alpha=cfg.attention.alpha,
-                                             learn_alpha=cfg.attention.learn_alpha, impl=cfg.attention.impl)
-        return lambda: attention_mapping(name, impl=cfg.attention.impl)
+        return lambda: MAPPINGS[name].from_config(cfg.attention, cfg.model.nheads)
 
     return {site: factory(cfg.placement[site]) for site in SITES}
 

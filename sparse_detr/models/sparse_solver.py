@@ -22,6 +22,8 @@ Why this is fast and exact (c = [z - tau]_+):
 - Rows without a certificate continue from their last threshold, on those rows only; rows still
   uncertified after RETRIES rounds (float32 rounding can flip between two supports forever) are
   solved by the sort-based algorithm or by bisection.
+Each mapping's solver is one ThresholdSolver object (SPARSEMAX, ENTMAX15, ALPHA_ENTMAX) holding
+its passes per round, forward kernel, exact fallback and backward.
 Backward needs only the output p: with w = p^(2 - alpha) (the support indicator for sparsemax),
 dx = w * (g - sum(g w) / sum(w)); the alpha gradient is the closed form of Correia et al. 2019
 (as in entmax.EntmaxBisectFunction), reduced to row sums.
@@ -36,8 +38,6 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.autograd.function import once_differentiable
 
-# Passes per round: enough for typical attention rows, so most calls need a single round.
-STEPS = {"sparsemax": 3, "entmax15": 3, "alpha_entmax": 2}
 RETRIES = 2
 # Nested candidate sets {z > level} for the starting lower bound (the support lies in (-1, 0]).
 _LEVELS = (-1.0, -0.5, -0.25)
@@ -143,9 +143,6 @@ def _alpha_forward(x, alpha, tau0, steps: int):
     return p, ok, tau
 
 
-_FORWARD = {"sparsemax": _sparsemax_forward, "entmax15": _entmax15_forward, "alpha_entmax": _alpha_forward}
-
-
 # --- exact fallbacks (eager, only for rows that never got a certificate) ---------------------
 
 
@@ -172,18 +169,6 @@ def _bisect_tau(z: torch.Tensor, q: torch.Tensor, iters: int) -> torch.Tensor:
         mid = lo + width
         lo = torch.where(((z - mid).clamp(min=0) ** q).sum(-1, keepdim=True) >= 1, mid, lo)
     return lo
-
-
-def _exact_rows(kind: str, x: torch.Tensor, alpha) -> torch.Tensor:
-    """The mapping of rows x by sorting (sparsemax, entmax-1.5) or bisection (alpha-entmax)."""
-    if kind == "alpha_entmax":
-        z = _shifted(x, alpha)
-        q = 1 / (alpha - 1)
-        p = (z - _bisect_tau(z, q, iters=30 if x.dtype == torch.float32 else 60)).clamp(min=0) ** q
-        return p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
-    a = 2.0 if kind == "sparsemax" else 1.5
-    z = _shifted(x, a)
-    return (z - _sort_tau(z, 1 / (a - 1))).clamp(min=0) ** (1 / (a - 1))
 
 
 # --- backward: output p, upstream gradient g [rows, n] -------------------------------------------
@@ -261,42 +246,115 @@ def _run(fn, *args, compiled: bool):
     return fn(*args)
 
 
-def solve(kind: str, x: torch.Tensor, alpha, *, compiled: bool, steps: int | None = None) -> torch.Tensor:
-    """Mapping `kind` of rows x [rows, n] (alpha [rows, 1] for alpha_entmax, else None).
+class ThresholdSolver:
+    """One mapping's solver: passes per round, the forward kernel, the exact fallback for rows
+    left uncertified, and the backward pass. Subclasses fill these in; `rows` runs them."""
 
-    Rounds of `steps` passes (default STEPS[kind]); each round after the first continues the
-    uncertified rows only, and the exact fallback takes whatever is left after RETRIES."""
-    steps = STEPS[kind] if steps is None else steps
-    x, alpha = x.detach(), None if alpha is None else alpha.detach()  # one kernel whatever requires grad
-    p, ok, tau = _run(_FORWARD[kind], x, alpha, x.new_full((x.shape[0], 1), -1.0), steps, compiled=compiled)
-    if ok.all():
-        return p
-    todo = (~ok).squeeze(-1).nonzero().squeeze(-1)
-    tau = tau[todo]
-    for _ in range(RETRIES):
-        if todo.numel() == 0:
+    steps: int  # passes per round: enough for typical attention rows, so most calls need one round
+
+    @staticmethod
+    def kernel(x, alpha, tau0, steps: int):
+        """Rows x [rows, n], alpha [rows, 1] or None, tau0 [rows, 1] a lower bound (or a previous
+        iterate) -> (p, ok [rows, 1]: certified, tau [rows, 1] to continue from)."""
+        raise NotImplementedError
+
+    def exact(self, x: torch.Tensor, alpha) -> torch.Tensor:
+        """The mapping of rows x by an exact algorithm (eager; only rows never certified)."""
+        raise NotImplementedError
+
+    def backward(self, p, g, alpha, need_alpha: bool, compiled: bool):
+        """Output p and upstream gradient g [rows, n] -> (dx [rows, n], d alpha [rows, 1] or None)."""
+        raise NotImplementedError
+
+    def alpha_rows(self, alpha, x: torch.Tensor):
+        """alpha as the kernels take it for x [..., n]: None for a fixed-alpha solver."""
+        return None
+
+    def solve(self, x: torch.Tensor, alpha, *, compiled: bool, steps: int | None = None) -> torch.Tensor:
+        """The mapping of rows x [rows, n] (alpha [rows, 1] or None).
+
+        Rounds of `steps` passes (default self.steps); each round after the first continues the
+        uncertified rows only, and the exact fallback takes whatever is left after RETRIES."""
+        steps = self.steps if steps is None else steps
+        x, alpha = x.detach(), None if alpha is None else alpha.detach()  # one kernel whatever requires grad
+        p, ok, tau = _run(self.kernel, x, alpha, x.new_full((x.shape[0], 1), -1.0), steps, compiled=compiled)
+        if ok.all():
             return p
-        if todo.numel() == 1:  # a size-1 dim would make dynamo specialise, i.e. recompile
-            todo, tau = todo.repeat(2), tau.repeat(2, 1)
-        a = None if alpha is None else alpha[todo]
-        p_todo, ok, tau = _run(_FORWARD[kind], x[todo], a, tau, steps, compiled=compiled)
-        p[todo] = p_todo
-        keep = (~ok).squeeze(-1)
-        todo, tau = todo[keep], tau[keep]
-    if todo.numel():
-        p[todo] = _exact_rows(kind, x[todo], None if alpha is None else alpha[todo])
-    return p
+        todo = (~ok).squeeze(-1).nonzero().squeeze(-1)
+        tau = tau[todo]
+        for _ in range(RETRIES):
+            if todo.numel() == 0:
+                return p
+            if todo.numel() == 1:  # a size-1 dim would make dynamo specialise, i.e. recompile
+                todo, tau = todo.repeat(2), tau.repeat(2, 1)
+            a = None if alpha is None else alpha[todo]
+            p_todo, ok, tau = _run(self.kernel, x[todo], a, tau, steps, compiled=compiled)
+            p[todo] = p_todo
+            keep = (~ok).squeeze(-1)
+            todo, tau = todo[keep], tau[keep]
+        if todo.numel():
+            p[todo] = self.exact(x[todo], None if alpha is None else alpha[todo])
+        return p
+
+    def rows(self, x: torch.Tensor, alpha=None, *, compiled: bool, steps: int | None = None) -> torch.Tensor:
+        """The mapping over the last dim of x [..., n]; alpha as `alpha_rows` takes it."""
+        rows = x.reshape(-1, x.shape[-1])
+        return EntmaxFunction.apply(rows, self.alpha_rows(alpha, x), self, compiled, steps).view(x.shape)
+
+
+class _SortSolver(ThresholdSolver):
+    """A fixed alpha with a closed-form threshold on a known support (sparsemax, entmax-1.5)."""
+    alpha: float
+
+    def exact(self, x, alpha):
+        z = _shifted(x, self.alpha)
+        q = 1 / (self.alpha - 1)
+        return (z - _sort_tau(z, q)).clamp(min=0) ** q
+
+
+class SparsemaxSolver(_SortSolver):
+    steps, alpha, kernel = 3, 2.0, staticmethod(_sparsemax_forward)
+
+    def backward(self, p, g, alpha, need_alpha, compiled):
+        return _run(_sparsemax_backward, p, g, compiled=compiled), None
+
+
+class Entmax15Solver(_SortSolver):
+    steps, alpha, kernel = 3, 1.5, staticmethod(_entmax15_forward)
+
+    def backward(self, p, g, alpha, need_alpha, compiled):
+        return _run(_entmax15_backward, p, g, compiled=compiled), None
+
+
+class AlphaEntmaxSolver(ThresholdSolver):
+    """alpha-entmax at any alpha in (1, 2], one per row; bisection as the exact fallback."""
+    steps, kernel = 2, staticmethod(_alpha_forward)
+
+    def alpha_rows(self, alpha, x):
+        """alpha: a float, or a tensor broadcastable to x[..., :1] (e.g. [1, heads, 1, 1]) -> [rows, 1]."""
+        alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device)  # a float stays exact in float64
+        return alpha.expand(*x.shape[:-1], 1).reshape(-1, 1).contiguous()
+
+    def exact(self, x, alpha):
+        z = _shifted(x, alpha)
+        q = 1 / (alpha - 1)
+        p = (z - _bisect_tau(z, q, iters=30 if x.dtype == torch.float32 else 60)).clamp(min=0) ** q
+        return p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+
+    def backward(self, p, g, alpha, need_alpha, compiled):
+        w, r, da = _run(_alpha_backward_sums, p, g, alpha, need_alpha, compiled=compiled)
+        return _run(_alpha_backward_dx, w, g, r, compiled=compiled), da
 
 
 class EntmaxFunction(torch.autograd.Function):
-    """Rows x [rows, n] -> p [rows, n]; alpha [rows, 1] for "alpha_entmax", else None.
+    """Rows x [rows, n] -> p [rows, n] by `solver`; alpha [rows, 1] or None.
 
     Saves only p (like softmax), so the memory held for backward matches softmax's."""
 
     @staticmethod
-    def forward(ctx, x, alpha, kind: str, compiled: bool, steps: int | None):
-        p = solve(kind, x, alpha, compiled=compiled, steps=steps)
-        ctx.kind, ctx.compiled = kind, compiled
+    def forward(ctx, x, alpha, solver: ThresholdSolver, compiled: bool, steps: int | None):
+        p = solver.solve(x, alpha, compiled=compiled, steps=steps)
+        ctx.solver, ctx.compiled = solver, compiled
         ctx.save_for_backward(p, alpha)
         return p
 
@@ -304,22 +362,8 @@ class EntmaxFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         p, alpha = ctx.saved_tensors
-        g = g.contiguous()
-        if ctx.kind == "sparsemax":
-            return _run(_sparsemax_backward, p, g, compiled=ctx.compiled), None, None, None, None
-        if ctx.kind == "entmax15":
-            return _run(_entmax15_backward, p, g, compiled=ctx.compiled), None, None, None, None
-        w, r, da = _run(_alpha_backward_sums, p, g, alpha, ctx.needs_input_grad[1], compiled=ctx.compiled)
-        return _run(_alpha_backward_dx, w, g, r, compiled=ctx.compiled), da, None, None, None
+        dx, da = ctx.solver.backward(p, g.contiguous(), alpha, ctx.needs_input_grad[1], ctx.compiled)
+        return dx, da, None, None, None
 
 
-def entmax_rows(x: torch.Tensor, kind: str, alpha=None, *, compiled: bool, steps: int | None = None) -> torch.Tensor:
-    """Mapping `kind` (sparsemax | entmax15 | alpha_entmax) over the last dim of x [..., n].
-
-    alpha (alpha_entmax only): a float, or a tensor broadcastable to x[..., :1], e.g.
-    [1, heads, 1, 1] for one alpha per head; a tensor that requires grad gets its gradient."""
-    rows = x.reshape(-1, x.shape[-1])
-    if kind == "alpha_entmax":
-        alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device)  # a float stays exact in float64
-        alpha = alpha.expand(*x.shape[:-1], 1).reshape(-1, 1).contiguous()
-    return EntmaxFunction.apply(rows, alpha, kind, compiled, steps).view(x.shape)
+SPARSEMAX, ENTMAX15, ALPHA_ENTMAX = SparsemaxSolver(), Entmax15Solver(), AlphaEntmaxSolver()

@@ -1,7 +1,7 @@
 """DETR's encoder-decoder transformer, with one attention mapping per site.
 
-Sites: `encoder` (encoder self-attention), `decoder` (decoder self-attention) and `cross`
-(decoder cross-attention). Post-norm by default as in DETR, pre-norm on request; the decoder
+Sites (`sparse_detr.sites`): `encoder` (encoder self-attention), `decoder` (decoder
+self-attention) and `cross` (decoder cross-attention). Post-norm by default as in DETR, pre-norm on request; the decoder
 returns every layer's output for the auxiliary losses.
 """
 from __future__ import annotations
@@ -13,8 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_detr.models.attention import MultiheadAttention
+from sparse_detr.sites import SITES
 
 MappingFactory = Callable[[], nn.Module]
+# Where each site's attention module sits: (the stack of layers, the layer's attribute).
+SITE_MODULES = {"encoder": ("encoder", "self_attn"), "decoder": ("decoder", "self_attn"),
+                "cross": ("decoder", "multihead_attn")}
 
 
 def with_pos(tensor: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
@@ -131,9 +135,7 @@ class Transformer(nn.Module):
         """site_mappings: for `encoder`, `decoder`, `cross`, a factory called once per layer, so
         each layer owns its mapping (and its learned alphas); missing sites use softmax."""
         super().__init__()
-        from sparse_detr.models.mappings import attention_mapping
-
-        factories = {site: (lambda: attention_mapping("softmax")) for site in ("encoder", "decoder", "cross")}
+        factories = {site: (lambda: None) for site in SITES}  # None: MultiheadAttention's softmax
         factories.update(site_mappings or {})
         self.encoder = TransformerEncoder(
             [TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before, factories["encoder"]())
@@ -151,12 +153,11 @@ class Transformer(nn.Module):
         self._reset_parameters()
 
     def site_attention(self):
-        """Yield (site, layer index, MultiheadAttention) for every attention module."""
-        for index, layer in enumerate(self.encoder.layers):
-            yield "encoder", index, layer.self_attn
-        for index, layer in enumerate(self.decoder.layers):
-            yield "decoder", index, layer.self_attn
-            yield "cross", index, layer.multihead_attn
+        """Yield (site, layer index, MultiheadAttention) for every attention module, site by site."""
+        for site in SITES:
+            stack, attribute = SITE_MODULES[site]
+            for index, layer in enumerate(getattr(self, stack).layers):
+                yield site, index, getattr(layer, attribute)
 
     def _reset_parameters(self) -> None:
         for parameter in self.parameters():

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from sparse_detr.analysis.run_folders import parse_site_key
-from sparse_detr.config import SITES
+from sparse_detr.sites import SITES
 from sparse_detr.viz import new_figure
-from sparse_detr.viz.sparsity_plots import SITE_TITLES
+from sparse_detr.viz.sparsity_plots import site_title
 
 
 def alpha_grids(alphas: Mapping[str, float]) -> dict[str, np.ndarray]:
@@ -39,7 +39,7 @@ def alpha_heatmap_figure(grids: Mapping[str, np.ndarray]):
         ax.set_yticks(range(grid.shape[0]))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_title(f"alpha, {SITE_TITLES.get(site, site)}", fontsize=9)
+        ax.set_title(f"alpha, {site_title(site)}", fontsize=9)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     return figure
 

@@ -6,11 +6,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from sparse_detr.config import SITES
+from sparse_detr.sites import SITE_BY_NAME, SITES
 from sparse_detr.viz import new_figure
 
-SITE_TITLES = {"encoder": "encoder self-attention", "decoder": "decoder self-attention",
-               "cross": "decoder cross-attention"}
+
+def site_title(site: str) -> str:
+    """A panel title: the site's long name, or the key itself if it is not a site."""
+    return SITE_BY_NAME[site].title if site in SITE_BY_NAME else site
 
 
 def sparsity_bars_figure(values: Mapping[tuple[str, int], Sequence[float]], metric: str):
@@ -26,7 +28,7 @@ def sparsity_bars_figure(values: Mapping[tuple[str, int], Sequence[float]], metr
                    [float(values[(site, layer)][head]) for layer in layers], width, label=f"head {head}")
         ax.set_xticks(layers)
         ax.set_xlabel("layer")
-        ax.set_title(SITE_TITLES.get(site, site), fontsize=9)
+        ax.set_title(site_title(site), fontsize=9)
         ax.set_ylabel(metric)
         ax.set_ylim(bottom=0)
     axes[0, -1].legend(fontsize=7, loc="best")
@@ -47,7 +49,7 @@ def ap_vs_sparsity_figure(points: Mapping[str, Sequence[tuple[str, float, float,
             ax.errorbar(x, y, xerr=_bar(x_std), yerr=_bar(y_std), fmt="o", color=colors[label], capsize=3, label=label)
         ax.set_xlabel(f"{site} {x_label}")
         ax.set_ylabel(y_label)
-        ax.set_title(SITE_TITLES.get(site, site), fontsize=9)
+        ax.set_title(site_title(site), fontsize=9)
     if labels:
         handles = [axes[0, 0].plot([], [], "o", color=colors[label])[0] for label in labels]
         figure.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=7)

@@ -105,25 +105,29 @@ def test_single_key_gets_probability_one():
         assert torch.equal(build(name)(x), torch.ones_like(x))
 
 
-def spy_exact_rows(monkeypatch) -> list[int]:
-    """Record how many rows each call of the exact fallback receives."""
+def solver(name) -> sparse_solver.ThresholdSolver:
+    return MAPPINGS[name].solver
+
+
+def spy_exact_rows(monkeypatch, name) -> list[int]:
+    """Record how many rows each call of the exact fallback of `name`'s solver receives."""
     calls = []
-    exact_rows = sparse_solver._exact_rows
+    exact_rows = solver(name).exact
 
-    def spy(kind, x, alpha):
+    def spy(x, alpha):
         calls.append(x.shape[0])
-        return exact_rows(kind, x, alpha)
+        return exact_rows(x, alpha)
 
-    monkeypatch.setattr(sparse_solver, "_exact_rows", spy)
+    monkeypatch.setattr(solver(name), "exact", spy)
     return calls
 
 
 @pytest.mark.parametrize("name", ["sparsemax", "entmax15"])
 def test_iteration_cap_runs_exact_fallback(name, monkeypatch):
     """With zero Newton steps no row is ever certified, so every row takes the sort fallback."""
-    calls = spy_exact_rows(monkeypatch)
+    calls = spy_exact_rows(monkeypatch, name)
     x = hard_scores(1.0).float()
-    p = sparse_solver.entmax_rows(x, name, compiled=False, steps=0)
+    p = solver(name).rows(x, compiled=False, steps=0)
     assert calls == [x[..., 0].numel()]
     ref = entmax.sparsemax(x, -1) if name == "sparsemax" else entmax.entmax15(x, -1)
     torch.testing.assert_close(p, ref, atol=1e-6, rtol=0)
@@ -131,10 +135,10 @@ def test_iteration_cap_runs_exact_fallback(name, monkeypatch):
 
 
 def test_iteration_cap_runs_bisection_fallback_for_alpha(monkeypatch):
-    calls = spy_exact_rows(monkeypatch)
+    calls = spy_exact_rows(monkeypatch, "alpha_entmax")
     x = hard_scores(1.0)
     alpha = torch.tensor([1.2, 1.5, 1.9], dtype=torch.float64).view(1, -1, 1, 1)
-    p = sparse_solver.entmax_rows(x, "alpha_entmax", alpha, compiled=False, steps=0)
+    p = solver("alpha_entmax").rows(x, alpha, compiled=False, steps=0)
     assert calls and calls[0] > 0
     torch.testing.assert_close(p, truth("alpha_entmax", x, alpha), atol=1e-9, rtol=0)
 
@@ -142,14 +146,14 @@ def test_iteration_cap_runs_bisection_fallback_for_alpha(monkeypatch):
 @pytest.mark.parametrize("name", SPARSE)
 def test_uncertified_rows_continue_in_later_rounds(name, monkeypatch):
     """Two passes per round are too few for near-flat rows; later rounds finish them exactly."""
-    calls = spy_exact_rows(monkeypatch)
+    calls = spy_exact_rows(monkeypatch, name)
     rounds = []
-    kernel = sparse_solver._FORWARD[name]
-    monkeypatch.setitem(sparse_solver._FORWARD, name, lambda x, *a: rounds.append(x.shape[0]) or kernel(x, *a))
+    kernel = solver(name).kernel
+    monkeypatch.setattr(solver(name), "kernel", lambda x, *a: rounds.append(x.shape[0]) or kernel(x, *a))
     monkeypatch.setattr(sparse_solver, "RETRIES", 8)
     x = hard_scores(0.1, keys=200)
     alpha = 1.8 if name == "alpha_entmax" else None
-    p = sparse_solver.entmax_rows(x, name, alpha, compiled=False, steps=2)
+    p = solver(name).rows(x, alpha, compiled=False, steps=2)
     assert len(rounds) > 1 and rounds[1] < rounds[0]  # later rounds see only the unfinished rows
     assert calls == []
     torch.testing.assert_close(p, truth(name, x, 1.8), atol=1e-10, rtol=0)

@@ -1,0 +1,93 @@
+"""What every mapping kind shares, the registry of kinds, and softmax (DETR's own mapping).
+
+Every mapping, called as `m(scores, key_padding_mask=None)`,
+- computes in float32 when the scores are float16/bfloat16 (the sort- and threshold-based
+  mappings drift by 1e-2 in half precision) and returns the scores' dtype;
+- treats key padding as truncation: padded keys get exactly 0 and the others get what the
+  mapping gives on the unpadded keys alone; a row whose keys are all padded returns zeros, with a
+  zero gradient (never NaN).
+A kind builds itself from the attention config (`from_config`), reading its own parameters, so
+the model builder only looks names up here.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparse_detr.config import ALPHA_FLOOR
+from sparse_detr.config import MAPPING_IMPLS as IMPLS
+
+__all__ = ["ALPHA_FLOOR", "IMPLS", "MAPPINGS", "AttentionMapping", "Softmax", "attention_mapping",
+           "config_value", "register_mapping"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+MAPPINGS: dict[str, type[AttentionMapping]] = {}  # config name -> kind, in registration order
+
+
+def register_mapping(kind: type[AttentionMapping]) -> type[AttentionMapping]:
+    """Class decorator: make `kind` available under its `name` (a `conf/attention/` stem)."""
+    if kind.name in MAPPINGS:
+        raise ValueError(f"attention mapping {kind.name!r} is registered twice")
+    MAPPINGS[kind.name] = kind
+    return kind
+
+
+def config_value(attention_cfg: Any, key: str, default: Any) -> Any:
+    """`attention_cfg.<key>` from a config node, dataclass or plain dict, or `default` if absent."""
+    if isinstance(attention_cfg, Mapping):
+        return attention_cfg.get(key, default)
+    return getattr(attention_cfg, key, default)
+
+
+def attention_mapping(name: str, *, num_heads: int | None = None, **params) -> nn.Module:
+    """Build the mapping `name` (a key of MAPPINGS) from keyword parameters as in the attention
+    config (`impl` one of IMPLS, `alpha`, `learn_alpha`, ...); a learned per-head parameter
+    needs num_heads."""
+    if name not in MAPPINGS:
+        raise ValueError(f"unknown attention mapping {name!r}; valid: {', '.join(MAPPINGS)}")
+    impl = params.setdefault("impl", "fast")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown mapping impl {impl!r}; valid: {', '.join(IMPLS)}")
+    return MAPPINGS[name].from_config(params, num_heads)
+
+
+class AttentionMapping(nn.Module):
+    """Shared masking and dtype handling; a kind sets `name` and defines `_map(x)` over the last dim.
+
+    `_map` receives padded keys as -inf (only in rows that keep at least one key) and must give
+    them 0; fully padded rows are computed as if unpadded and zeroed afterwards, so neither the
+    output nor the gradient of such a row can be NaN."""
+    name: str  # the config name; registered by @register_mapping
+
+    @classmethod
+    def from_config(cls, attention_cfg: Any, num_heads: int | None) -> AttentionMapping:
+        """The kind built from the attention config (`attention.*`); a kind with parameters reads
+        them here. num_heads: the attention module's heads, for per-head parameters."""
+        return cls()
+
+    def forward(self, scores: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """scores [batch, heads, queries, keys]; key_padding_mask [batch, keys], True = padded."""
+        x = scores.float() if scores.dtype in _HALF else scores
+        with torch.autocast(x.device.type, enabled=False):  # float32 stays float32 inside
+            if key_padding_mask is None:
+                return self._map(x).to(scores.dtype)
+            padded = key_padding_mask[:, None, None, :]
+            empty = padded.all(-1, keepdim=True)
+            p = self._map(x.masked_fill(padded & ~empty, float("-inf")))
+            return p.masked_fill(empty, 0.0).to(scores.dtype)
+
+    def _map(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register_mapping
+class Softmax(AttentionMapping):
+    """torch.softmax; no parameters or buffers, so DETR checkpoints load key for key."""
+    name = "softmax"
+
+    def _map(self, x):
+        return torch.softmax(x, dim=-1)

@@ -1,0 +1,127 @@
+"""sparsemax, entmax-1.5 and alpha-entmax (fixed, or learned per head).
+
+impl, resolved once when the mapping is built: "fast" = the threshold solver of `sparse_solver`
+through torch.compile (eager if compilation is unavailable), "eager" = the same solver without
+compiling, "reference" = the entmax package (sort-based sparsemax/entmax15, bisection for
+alpha-entmax), kept for tests and benchmarks.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import entmax
+import torch
+from torch import nn
+
+from sparse_detr.models.mappings.base import ALPHA_FLOOR, AttentionMapping, config_value, register_mapping
+from sparse_detr.models.sparse_solver import ALPHA_ENTMAX, ENTMAX15, SPARSEMAX, ThresholdSolver
+
+
+def _finite_fill(x: torch.Tensor, alpha) -> torch.Tensor:
+    """Replace -inf by a finite value that alpha-entmax surely maps to 0 (max - 1/(alpha-1) - 1).
+
+    The entmax package fails on -inf (index error in sort-based, NaN in bisection)."""
+    m = x.amax(-1, keepdim=True)
+    return torch.where(x == float("-inf"), m - 1 / (alpha - 1) - 1, x)
+
+
+def _fixed_reference(function: Callable, alpha: float, x: torch.Tensor, _alpha) -> torch.Tensor:
+    """The entmax package's sparsemax or entmax15 of x, -inf made finite first."""
+    return function(_finite_fill(x, alpha), dim=-1)
+
+
+def _rows_function(solver: ThresholdSolver, impl: str, reference: Callable) -> Callable:
+    """(x, alpha) -> p for `impl`: the entmax package, or the solver compiled or eager."""
+    if impl == "reference":
+        return reference
+    return functools.partial(solver.rows, compiled=impl == "fast")
+
+
+class FixedEntmax(AttentionMapping):
+    """alpha-entmax at a fixed alpha with a closed-form threshold; subclasses name the alpha."""
+    solver: ThresholdSolver
+    alpha: float
+    reference: Callable               # the entmax package's function
+
+    def __init__(self, impl: str = "fast"):
+        super().__init__()
+        self.impl = impl
+        self._rows = _rows_function(self.solver, impl, functools.partial(_fixed_reference, self.reference, self.alpha))
+
+    @classmethod
+    def from_config(cls, attention_cfg, num_heads):
+        return cls(config_value(attention_cfg, "impl", "fast"))
+
+    def _map(self, x):
+        return self._rows(x, None)
+
+    def extra_repr(self):
+        return f"impl={self.impl}"
+
+
+@register_mapping
+class Sparsemax(FixedEntmax):
+    """sparsemax (Martins & Astudillo 2016): Euclidean projection of the scores onto the simplex."""
+    name, solver, alpha, reference = "sparsemax", SPARSEMAX, 2.0, staticmethod(entmax.sparsemax)
+
+
+@register_mapping
+class Entmax15(FixedEntmax):
+    """1.5-entmax (Peters et al. 2019): sparse like sparsemax, smoother near ties."""
+    name, solver, alpha, reference = "entmax15", ENTMAX15, 1.5, staticmethod(entmax.entmax15)
+
+
+def _bisect_reference(x: torch.Tensor, alpha) -> torch.Tensor:
+    """The entmax package's bisection (enough iterations for the dtype), -inf made finite first."""
+    n_iter = 100 if x.dtype == torch.float64 else 30
+    return entmax.entmax_bisect(_finite_fill(x, alpha), alpha, dim=-1, n_iter=n_iter)
+
+
+@register_mapping
+class AlphaEntmax(AttentionMapping):
+    """alpha-entmax (Correia et al. 2019), alpha in (1, 2]; fixed, or learned per head.
+
+    Learned: alpha = ALPHA_FLOOR + (2 - ALPHA_FLOOR) * sigmoid(pre_alpha), pre_alpha [num_heads],
+    so alpha stays strictly above 1 (where entmax degenerates) whatever the optimiser does."""
+    name, solver = "alpha_entmax", ALPHA_ENTMAX
+
+    def __init__(self, alpha: float = 1.5, *, learn_alpha: bool = False, num_heads: int | None = None, impl: str = "fast"):
+        super().__init__()
+        alpha = float(alpha)
+        if not 1.0 < alpha <= 2.0:
+            raise ValueError(f"alpha must be in (1, 2], got {alpha}")
+        self.impl = impl
+        self.learn_alpha = learn_alpha
+        if learn_alpha:
+            if num_heads is None:
+                raise ValueError("learn_alpha=True needs num_heads (one alpha per head)")
+            if not ALPHA_FLOOR < alpha < 2.0:
+                raise ValueError(
+                    f"a learned alpha must start in ({ALPHA_FLOOR}, 2) (sigmoid parametrisation), got {alpha}"
+                )
+            s = (alpha - ALPHA_FLOOR) / (2.0 - ALPHA_FLOOR)
+            self.pre_alpha = nn.Parameter(torch.full((num_heads,), math.log(s / (1 - s))))
+        else:
+            self.fixed_alpha = alpha
+        self._rows = _rows_function(self.solver, impl, _bisect_reference)
+
+    @classmethod
+    def from_config(cls, attention_cfg, num_heads):
+        return cls(config_value(attention_cfg, "alpha", 1.5), learn_alpha=config_value(attention_cfg, "learn_alpha", False),
+                   num_heads=num_heads, impl=config_value(attention_cfg, "impl", "fast"))
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """Current alpha: [num_heads] if learned (differentiable), else a scalar tensor."""
+        if self.learn_alpha:
+            return ALPHA_FLOOR + (2.0 - ALPHA_FLOOR) * torch.sigmoid(self.pre_alpha)
+        return torch.tensor(self.fixed_alpha)
+
+    def _map(self, x):
+        # per-head alpha broadcasts over [batch, heads, queries, 1]; a fixed one stays a float
+        return self._rows(x, self.alpha.to(x.dtype).view(1, -1, 1, 1) if self.learn_alpha else self.fixed_alpha)
+
+    def extra_repr(self):
+        return f"learn_alpha={self.learn_alpha}, impl={self.impl}"
