@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import submitit
 import torch
-from slurm_sweeps import checkpoint_step, sweep_process, sweep_status, wait_for_exit
+from slurm_sweeps import checkpoint_step, job_ids, sweep_process, sweep_status, wait_for_exit
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 from sparse_detr.engine import distributed
@@ -133,16 +133,16 @@ def test_the_node_list_parser_agrees_with_scontrol(slurm_cluster, monkeypatch, n
 
 def test_a_signalled_two_node_run_is_requeued_and_resumes_in_the_same_wandb_run(two_node_cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    epochs, steps_per_epoch = 12, 32 // (2 * 4)    # smoke: 32 images, 4 per rank, 2 ranks
+    # smoke: 32 images, 4 per rank, 2 ranks; about 10 steps a second, so 160 steps leave time to
+    # signal the job while it trains (evaluating only at the end).
+    epochs, steps_per_epoch = 40, 32 // (2 * 4)
     overrides = [*TWO_NODES, "attention=softmax", "placement=cross", f"schedule.epochs={epochs}",
-                 "train.log_every=1", "logger=wandb", "logger.mode=offline"]
+                 f"train.eval_every={epochs}", "train.log_every=1", "logger=wandb", "logger.mode=offline"]
     run_dir = sweep_dir / f"softmax-cross-tiny-shapes+schedule.epochs={epochs}/seed_42"
     with sweep_process(two_node_cluster, tmp_path, sweep_dir, *overrides) as process:
         two_node_cluster.wait_until(lambda: checkpoint_step(run_dir / CHECKPOINT_NAME) >= steps_per_epoch, 240,
-                                    "the first checkpoint of the two-node run")
-        (status,) = sweep_status(sweep_dir)
-        assert status["state"] == "running", status
-        job_id = status["job"]
+                                    "the first checkpoint of the two-node run", interval_s=0.2)
+        (job_id,) = job_ids(sweep_dir)
         # What SLURM sends before the time limit; it reaches the task on each node.
         submitit.SlurmJob(folder=sweep_dir / ".submitit" / "%j", job_id=job_id)._interrupt(timeout=True)
         two_node_cluster.wait_until(lambda: "resumed from" in (run_dir / "train.log").read_text(), 180,
