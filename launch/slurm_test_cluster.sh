@@ -39,7 +39,7 @@ SUBNET="${SPARSE_DETR_SLURM_SUBNET:-10.218.18}"
 CLUSTER_NAME="sparsedetr"
 ACCOUNT="sparse"
 PARTITION="debug"
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2)
 
 ETC="$STATE_DIR/etc"
 LOG="$STATE_DIR/log"
@@ -197,6 +197,22 @@ make_network() {
       echo "# slurm_test_cluster.sh: the test cluster's private network"
       for i in "${!TWO_NODES[@]}"; do echo "$SUBNET.$((i + 1)) ${TWO_NODES[i]}"; done
     } >"$ETC/hosts"
+    # Try what start_slurmds will do, so that a machine that allows the network but not the other
+    # namespaces a node needs falls back to one node instead of failing to start.
+    for node in "${TWO_NODES[@]}"; do
+        set_node_prefix "$node"
+        "${NODE_PREFIX[@]}" true 2>&1 || { echo "cannot enter $node's namespaces (nsenter, unshare --uts --mount)"; return 1; }
+    done
+}
+
+# NODE_PREFIX: the command prefix that runs a command as node $1: in its network namespace, and in
+# UTS and mount namespaces of its own where the host name is the node's and /etc/hosts is the
+# private one (a bind mount seen by that command and its children only). Every step execs, so the
+# command keeps the pid. nsenter rather than `ip netns exec`, which would mount a sysfs of its own
+# without /sys/fs/cgroup, where slurmd's cgroup plugin fails to start.
+set_node_prefix() {
+    NODE_PREFIX=(nsenter --net="/run/netns/$(netns_of "$1")" unshare --uts --mount --propagation private --
+                 sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"' sh "$1" "$ETC/hosts")
 }
 
 # Remove what make_network recorded, newest first (a namespace's veth end goes with it).
@@ -460,20 +476,14 @@ start_slurmctld() {
     wait_for "slurmctld" 30 scontrol ping || die "slurmctld did not come up, see $LOG/slurmctld.log"
 }
 
-# One slurmd per node. With two nodes each runs in its node's network namespace, and in its own
-# UTS and mount namespaces where the host name is the node's and /etc/hosts is the private one
-# (a bind mount seen by that slurmd and its jobs only). Every step execs, so the recorded pid is
-# slurmd's own. nsenter rather than `ip netns exec`, which would mount a sysfs of its own without
-# /sys/fs/cgroup, where slurmd's cgroup plugin fails to start.
+# One slurmd per node; with two nodes, each as its node (set_node_prefix), with its jobs.
 start_slurmds() {
     local node
     for node in $(cluster_nodes); do
         mkdir -p "$STATE_DIR/spool/d-$node"
         if two_nodes; then
-            spawn "slurmd-$node" nsenter --net="/run/netns/$(netns_of "$node")" \
-                unshare --uts --mount --propagation private -- \
-                sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"' sh \
-                "$node" "$ETC/hosts" slurmd -D -N "$node"
+            set_node_prefix "$node"
+            spawn "slurmd-$node" "${NODE_PREFIX[@]}" slurmd -D -N "$node"
         else
             spawn "slurmd-$node" slurmd -D -N "$node"
         fi
@@ -598,8 +608,8 @@ cmd_status() {
             printf '%-13s not running\n' "$d"
         fi
     done
-    [[ -s "$NODES_FILE" ]] && echo "nodes: $(nodes_summary)" 
     if daemon_alive slurmctld; then
+        echo "--- $(nodes_summary)"
         echo "--- sinfo"; sinfo || true
         echo "--- squeue"; squeue || true
     fi
