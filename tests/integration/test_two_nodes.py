@@ -28,9 +28,10 @@ pytestmark = pytest.mark.slurm
 TWO_NODES = ["hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1"]
 # What makes two processes with half the batch each compute exactly what one process computes on
 # the whole batch: no dropout (each rank has its own dropout stream), one image size (no padding
-# that depends on the batch) and no class-loss weighting (DETR normalises its weighted class loss
-# per process, by that process's count of matched queries). Batches are split across ranks as
-# DistributedSampler splits them, so step k of 2 ranks x 4 images is step k of 1 rank x 8 images.
+# that depends on the batch) and no class-loss weighting (DETR's weighted class loss is a mean over
+# each process's own class weights, which depend on how many of its queries are matched). Batches
+# are split across ranks as DistributedSampler splits them, so step k of 2 ranks x 4 images is
+# step k of 1 rank x 8 images.
 SAME_GLOBAL_BATCH = ["attention=entmax15", "placement=all", "attention.impl=eager", "model.dropout=0.0",
                      "loss.eos_coef=1.0", "data.train_scales=[64]", "train.max_steps=1", "train.log_every=1"]
 BATCH_PER_RANK = 4
