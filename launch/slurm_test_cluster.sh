@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster (with accounting) for tests, on one Debian machine.
+# A real SLURM cluster (with accounting) for tests, on one Debian machine: two nodes, node1 and
+# node2, each slurmd in its own network namespace with its own address on a private bridge, so
+# that a job spans two hosts as on a real cluster; one node (this host, on 127.0.0.1) where
+# network namespaces cannot be made (the reason is logged and kept in the state folder).
 #
 #   bash launch/slurm_test_cluster.sh start    # install packages if needed, start, wait until usable
 #   bash launch/slurm_test_cluster.sh status   # daemons, sinfo, squeue
-#   bash launch/slurm_test_cluster.sh stop     # cancel jobs, stop exactly the daemons `start` started
+#   bash launch/slurm_test_cluster.sh stop     # cancel jobs, stop exactly the daemons `start` started,
+#                                              # remove the namespaces and bridge it made
 #   bash launch/slurm_test_cluster.sh env      # print the `export SLURM_CONF=...` line only
 #
 # Everything lives in a private state folder (configs, munge key and socket, MariaDB datadir,
 # spool, logs, pid files); nothing under /etc is written and no system service is used, so it
-# runs in containers without systemd and beside a system SLURM/MariaDB/munge, if any.
+# runs in containers without systemd and beside a system SLURM/MariaDB/munge, if any. The nodes
+# see node1/node2 in a private hosts file bind-mounted over /etc/hosts in their own mount
+# namespace only; the host's /etc/hosts is untouched.
 #
 # Environment (all optional):
 #   SPARSE_DETR_SLURM_DIR        state folder                        [/tmp/sparse-detr-slurm]
 #   SPARSE_DETR_SLURM_PORT_BASE  slurmctld port; slurmd +1, slurmdbd +2   [16817]
 #   SPARSE_DETR_SLURM_DB_PORT    private MariaDB port on 127.0.0.1   [16306]
-#   SPARSE_DETR_SLURM_CPUS       CPUs the node announces             [max(nproc, 4)]
-#   SPARSE_DETR_SLURM_GPUS       fake GPUs (gres/gpu) on the node    [2]
+#   SPARSE_DETR_SLURM_CPUS       CPUs each node announces            [max(nproc, 4)]
+#   SPARSE_DETR_SLURM_GPUS       fake GPUs (gres/gpu), shared out over the nodes   [2]
+#   SPARSE_DETR_SLURM_NODES      2 (node1, node2 in network namespaces) or 1 (this host)   [2]
+#   SPARSE_DETR_SLURM_SUBNET     first three octets of the private bridge's /24   [10.218.18]
 #
 # Exit codes: 0 ok, 1 failure (see the logs it names), 2 usage,
 #             3 cannot run here (not root, not Debian, packages missing and not installable).
@@ -25,11 +33,13 @@ STATE_DIR="${SPARSE_DETR_SLURM_DIR:-/tmp/sparse-detr-slurm}"
 PORT_BASE="${SPARSE_DETR_SLURM_PORT_BASE:-16817}"
 DB_PORT="${SPARSE_DETR_SLURM_DB_PORT:-16306}"
 NUM_GPUS="${SPARSE_DETR_SLURM_GPUS:-2}"
+WANTED_NODES="${SPARSE_DETR_SLURM_NODES:-2}"
+SUBNET="${SPARSE_DETR_SLURM_SUBNET:-10.218.18}"
 
 CLUSTER_NAME="sparsedetr"
 ACCOUNT="sparse"
 PARTITION="debug"
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2)
 
 ETC="$STATE_DIR/etc"
 LOG="$STATE_DIR/log"
@@ -41,9 +51,19 @@ DB_SOCKET="$DB_DIR/mariadb.sock"
 DB_USER="slurm"
 DB_PASS="slurm-test-only"
 SLURM_CONF_FILE="$ETC/slurm.conf"
+NODES_FILE="$STATE_DIR/nodes"              # the node names of the cluster that was started
+SINGLE_REASON_FILE="$STATE_DIR/single-node-reason"   # why it is one node, when it is
+NET_FILE="$STATE_DIR/net"                  # the namespaces, links and bridge `start` made
 
-# Start order; `stop` goes in reverse.
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+# Private network of the two-node cluster: a bridge with the controller's address (.254) and one
+# network namespace per node (.1, .2), linked to the bridge by a veth pair.
+BRIDGE="sdslurm0"
+CTL_NET_ADDR="$SUBNET.254"
+TWO_NODES=(node1 node2)
+PARTITION_NODES="node[1-2]"
+
+# Start order; `stop` goes in reverse. One slurmd per node: slurmd-<node>.
+BASE_DAEMONS=(munged mariadbd slurmdbd slurmctld)
 
 # Every SLURM command (ours, the tests', the jobs') must read our config, not /etc/slurm.
 export SLURM_CONF="$SLURM_CONF_FILE"
@@ -100,25 +120,36 @@ ensure_packages() {
 
 pid_of() { cat "$PIDS/$1.pid" 2>/dev/null || true; }
 
+# The nodes of the cluster last started (none before the first start).
+cluster_nodes() { cat "$NODES_FILE" 2>/dev/null || true; }
+
+# Every daemon of the cluster last started, in start order (slurmd-<node> runs program slurmd).
+daemons() {
+    local node
+    printf '%s\n' "${BASE_DAEMONS[@]}"
+    for node in $(cluster_nodes); do echo "slurmd-$node"; done
+}
+
 # True when the recorded pid of daemon $1 is alive AND still that program (pids get reused).
 # A zombie counts as dead: the daemons are reparented to PID 1, which may reap them late.
 daemon_alive() {
-    local pid comm state
+    local pid comm state program="${1%%-*}"
     pid="$(pid_of "$1")"
     [[ -n "$pid" && -d "/proc/$pid" ]] || return 1
     comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
     state="$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)"
-    [[ "$comm" == "$1"* && -n "$state" && "$state" != Z ]]
+    [[ "$comm" == "$program"* && -n "$state" && "$state" != Z ]]
 }
 
 all_alive() {
     local d
-    for d in "${DAEMONS[@]}"; do daemon_alive "$d" || return 1; done
+    [[ -s "$NODES_FILE" ]] || return 1
+    for d in $(daemons); do daemon_alive "$d" || return 1; done
 }
 
 any_alive() {
     local d
-    for d in "${DAEMONS[@]}"; do daemon_alive "$d" && return 0; done
+    for d in $(daemons); do daemon_alive "$d" && return 0; done
     return 1
 }
 
@@ -132,9 +163,36 @@ spawn() {
     log "started $name (pid $!)"
 }
 
-# ---------------------------------------------------------------- configuration
+# ---------------------------------------------------------------- nodes
 
-node_name() { hostname -s; }
+# make_network, remove_network, set_node_prefix: the nodes' namespaces and bridge.
+source "$(dirname "${BASH_SOURCE[0]}")/slurm_test_network.sh"
+
+# Decide the nodes: two in namespaces when wanted and possible, else this host alone.
+choose_nodes() {
+    rm -f "$SINGLE_REASON_FILE"
+    local reason=""
+    if [[ "$WANTED_NODES" == 2 ]]; then
+        if reason="$(make_network 2>&1)"; then
+            printf '%s\n' "${TWO_NODES[@]}" >"$NODES_FILE"
+            return 0
+        fi
+        remove_network
+        reason="${reason:-could not set up the private network}"
+        reason="two nodes need network namespaces and a bridge, which failed here: ${reason//$'\n'/; }"
+    elif [[ "$WANTED_NODES" == 1 ]]; then
+        reason="SPARSE_DETR_SLURM_NODES=1"
+    else
+        die "SPARSE_DETR_SLURM_NODES=$WANTED_NODES: valid values are 1 and 2"
+    fi
+    log "one node: $reason"
+    echo "$reason" >"$SINGLE_REASON_FILE"
+    hostname -s >"$NODES_FILE"
+}
+
+two_nodes() { [[ "$(cluster_nodes | wc -l)" == 2 ]]; }
+
+# ---------------------------------------------------------------- configuration
 
 node_cpus() {
     local n; n="$(nproc)"
@@ -143,53 +201,69 @@ node_cpus() {
     echo "${SPARSE_DETR_SLURM_CPUS:-$((n > 4 ? n : 4))}"
 }
 
-# MiB of currently available memory minus a margin for the daemons and the test process.
+# MiB of currently available memory minus a margin for the daemons and the test process,
+# shared out over the nodes (they all live on this machine).
 node_memory_mb() {
     local avail_kb mb
     avail_kb="$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)"
-    mb=$((avail_kb / 1024 - 2048))
+    mb=$(((avail_kb / 1024 - 2048) / $(cluster_nodes | wc -l)))
     echo $((mb > 1024 ? mb : 1024))
 }
 
+# The controller's address as the nodes reach it: the bridge for two nodes, else loopback.
+ctl_addr() { if two_nodes; then echo "$CTL_NET_ADDR"; else echo 127.0.0.1; fi; }
+
+# slurm.conf's NodeName line of node $2 (the $1-th, from 0), with its share of the fake GPUs.
+node_line() {
+    local index="$1" node="$2" gpus="$3" addr=127.0.0.1
+    two_nodes && addr="$SUBNET.$((index + 1))"
+    echo "NodeName=$node NodeAddr=$addr CPUs=$(node_cpus) RealMemory=$(node_memory_mb)${gpus:+ Gres=gpu:$gpus} State=UNKNOWN"
+}
+
 write_configs() {
-    mkdir -p "$ETC" "$LOG" "$PIDS" "$STATE_DIR/spool/ctld" "$STATE_DIR/spool/d" "$STATE_DIR/dev"
-    local node cpus mem defmem gres_line="" node_gres=""
-    node="$(node_name)"; cpus="$(node_cpus)"; mem="$(node_memory_mb)"
+    mkdir -p "$ETC" "$LOG" "$PIDS" "$STATE_DIR/spool/ctld" "$STATE_DIR/dev"
+    local nodes cpus mem defmem gres_line="" per_node=0 node_lines="" partition_nodes i
+    mapfile -t nodes < <(cluster_nodes)
+    cpus="$(node_cpus)"; mem="$(node_memory_mb)"
+    partition_nodes="${nodes[0]}"
+    two_nodes && partition_nodes="$PARTITION_NODES"
     # Without DefMemPerCPU a job that gives no --mem is allotted the node's whole memory under
     # CR_CPU_Memory, so a second job could never start beside it.
     defmem=$((mem / cpus)); ((defmem > 2048)) && defmem=2048
 
-    if ((NUM_GPUS > 0)); then
+    # The fake GPUs are shared out over the nodes (2 on one node, 1 on each of two), so the
+    # cluster holds NUM_GPUS in all and a job asking for more is rejected.
+    per_node=$((NUM_GPUS / ${#nodes[@]}))
+    echo "AutoDetect=off" >"$ETC/gres.conf"
+    if ((per_node > 0)); then
         # Fake GPUs: gres/gpu needs File= to name existing files, else `sbatch --gpus=1` is
         # rejected ("Requested node configuration is not available"). Character devices (same
         # numbers as /dev/null, harmless if opened) also let slurmd number them and set
         # CUDA_VISIBLE_DEVICES in jobs; plain files work too but slurmd logs an error per file.
-        local i f files=()
-        for ((i = 0; i < NUM_GPUS; i++)); do
-            f="$STATE_DIR/dev/gpu$i"
+        local g f
+        echo "# Fake GPUs for tests (written by slurm_test_cluster.sh)" >>"$ETC/gres.conf"
+        for ((g = 0; g < per_node * ${#nodes[@]}; g++)); do
+            f="$STATE_DIR/dev/gpu$g"
             if [[ ! -c "$f" ]]; then
                 rm -f "$f"
                 mknod "$f" c 1 3 2>/dev/null || : >"$f"
             fi
-            files+=("$f")
+            echo "NodeName=${nodes[g / per_node]} Name=gpu File=$f" >>"$ETC/gres.conf"
         done
-        {
-            echo "# Fake GPUs for tests (written by slurm_test_cluster.sh)"
-            echo "AutoDetect=off"
-            for f in "${files[@]}"; do echo "NodeName=$node Name=gpu File=$f"; done
-        } >"$ETC/gres.conf"
         gres_line="GresTypes=gpu"
-        node_gres="Gres=gpu:$NUM_GPUS"
     else
-        echo "AutoDetect=off" >"$ETC/gres.conf"
+        per_node=""
     fi
+    for i in "${!nodes[@]}"; do
+        node_lines+="$(node_line "$i" "${nodes[i]}" "$per_node")"$'\n'
+    done
 
     : >"$ETC/plugstack.conf"   # keep /etc/slurm/plugstack.conf (system SPANK plugins) out
 
     cat >"$SLURM_CONF_FILE" <<EOF
-# Single-node SLURM test cluster (written by launch/slurm_test_cluster.sh; rewritten on start).
+# SLURM test cluster (written by launch/slurm_test_cluster.sh; rewritten on start).
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$(hostname -s)($(ctl_addr))
 SlurmctldPort=$PORT_BASE
 SlurmdPort=$((PORT_BASE + 1))
 SlurmUser=root
@@ -201,11 +275,12 @@ CredType=cred/munge
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 
 StateSaveLocation=$STATE_DIR/spool/ctld
-SlurmdSpoolDir=$STATE_DIR/spool/d
+# One spool folder, pid file and log per node (%n: the node's name).
+SlurmdSpoolDir=$STATE_DIR/spool/d-%n
 SlurmctldPidFile=$PIDS/slurmctld.daemon.pid
-SlurmdPidFile=$PIDS/slurmd.daemon.pid
+SlurmdPidFile=$PIDS/slurmd-%n.daemon.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig=$ETC/plugstack.conf
@@ -243,8 +318,7 @@ AccountingStoragePass=$MUNGE_SOCKET
 AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
 
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem $node_gres State=UNKNOWN
-PartitionName=$PARTITION Nodes=$node Default=YES MaxTime=01:00:00 State=UP
+${node_lines}PartitionName=$PARTITION Nodes=$partition_nodes Default=YES MaxTime=01:00:00 State=UP
 EOF
 
     # slurmdbd reads slurmdbd.conf from the folder of SLURM_CONF and insists on mode 600.
@@ -342,28 +416,52 @@ start_slurmctld() {
     wait_for "slurmctld" 30 scontrol ping || die "slurmctld did not come up, see $LOG/slurmctld.log"
 }
 
-start_slurmd() {
-    spawn slurmd slurmd -D -N "$(node_name)"
+# One slurmd per node; with two nodes, each as its node (set_node_prefix), with its jobs.
+start_slurmds() {
+    local node
+    for node in $(cluster_nodes); do
+        mkdir -p "$STATE_DIR/spool/d-$node"
+        if two_nodes; then
+            set_node_prefix "$node"
+            spawn "slurmd-$node" "${NODE_PREFIX[@]}" slurmd -D -N "$node"
+        else
+            spawn "slurmd-$node" slurmd -D -N "$node"
+        fi
+    done
 }
 
-node_state() { sinfo -h -N -n "$(node_name)" -o %T 2>/dev/null | head -n 1; }
-node_idle() { [[ "$(node_state)" == idle ]]; }
+node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -n 1; }
+nodes_idle() {
+    local node
+    for node in $(cluster_nodes); do [[ "$(node_state "$node")" == idle ]] || return 1; done
+}
 ctld_registered_with_dbd() {
     [[ -n "$(sacctmgr -n -P list cluster "$CLUSTER_NAME" format=controlhost 2>/dev/null)" ]]
 }
 
 wait_until_ready() {
+    local node
     # A node left drained/down by an earlier run is brought back.
-    case "$(node_state)" in
-        drain* | down* | fail*) scontrol update nodename="$(node_name)" state=resume || true ;;
-    esac
-    wait_for "node $(node_name) idle" 60 node_idle ||
-        die "node is '$(node_state)', see $LOG/slurmd.log and $LOG/slurmctld.log"
+    for node in $(cluster_nodes); do
+        case "$(node_state "$node")" in
+            drain* | down* | fail*) scontrol update nodename="$node" state=resume || true ;;
+        esac
+    done
+    wait_for "nodes $(cluster_nodes | paste -sd,) idle" 60 nodes_idle ||
+        die "nodes not idle: $(sinfo -h -N -o '%N=%T' | paste -sd' '), see $LOG/slurmd-*.log and $LOG/slurmctld.log"
     wait_for "slurmctld registered with slurmdbd" 30 ctld_registered_with_dbd ||
         die "slurmctld not registered with slurmdbd, see $LOG/slurmctld.log"
 }
 
 # ---------------------------------------------------------------- commands
+
+nodes_summary() {
+    if two_nodes; then
+        echo "nodes $PARTITION_NODES ($SUBNET.1, $SUBNET.2 on bridge $BRIDGE), $(node_cpus) CPUs each"
+    else
+        echo "node $(cluster_nodes) alone ($(cat "$SINGLE_REASON_FILE" 2>/dev/null)), $(node_cpus) CPUs"
+    fi
+}
 
 print_usage_hint() {
     cat <<EOF
@@ -372,7 +470,7 @@ SLURM test cluster '$CLUSTER_NAME' is up (state folder: $STATE_DIR).
 Use it from a shell with:
     export SLURM_CONF=$SLURM_CONF_FILE
     sinfo; sbatch -p $PARTITION -A $ACCOUNT --wrap 'hostname'; squeue; sacct
-Partition '$PARTITION' (default, 1 h max), $(node_cpus) CPUs, $NUM_GPUS fake GPUs (--gpus=1 is accepted, there is no GPU).
+Partition '$PARTITION' (default, 1 h max): $(nodes_summary), $NUM_GPUS fake GPUs in all (--gpus=1 is accepted, there is no GPU).
 Logs: $LOG/   Stop: bash $0 stop
 EOF
     echo "export SLURM_CONF=$SLURM_CONF_FILE"
@@ -396,13 +494,16 @@ cmd_start() {
     fi
     ensure_packages
     local t0=$SECONDS
+    mkdir -p "$ETC" "$LOG" "$PIDS"
+    remove_network   # left by a start that failed half-way
+    choose_nodes
     write_configs
     start_munge
     start_mariadb
     start_slurmdbd
     register_accounting
     start_slurmctld
-    start_slurmd
+    start_slurmds
     wait_until_ready
     log "ready in $((SECONDS - t0)) s"
     print_usage_hint
@@ -433,20 +534,22 @@ cmd_stop() {
         timeout 10 scancel --partition="$PARTITION" 2>/dev/null || true
         sleep 1
     fi
-    local i
-    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMONS[i]}"; done
+    local d
+    for d in $(daemons | tac); do stop_daemon "$d"; done
+    remove_network
 }
 
 cmd_status() {
     local d
-    for d in "${DAEMONS[@]}"; do
+    for d in $(daemons); do
         if daemon_alive "$d"; then
-            printf '%-10s running (pid %s)\n' "$d" "$(pid_of "$d")"
+            printf '%-13s running (pid %s)\n' "$d" "$(pid_of "$d")"
         else
-            printf '%-10s not running\n' "$d"
+            printf '%-13s not running\n' "$d"
         fi
     done
     if daemon_alive slurmctld; then
+        echo "--- $(nodes_summary)"
         echo "--- sinfo"; sinfo || true
         echo "--- squeue"; squeue || true
     fi

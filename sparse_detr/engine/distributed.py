@@ -2,16 +2,16 @@
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under SLURM (srun or
 submitit, one task per GPU) the same facts come from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
-and the first host of the job's node list.
+and the first host of the job's node list (`SLURM_JOB_NODELIST=gpu[07-08]` -> gpu07).
 """
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from submitit.slurm.slurm import SlurmJobEnvironment
 
 from sparse_detr.config import ConfigError
 
@@ -32,13 +32,11 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def _first_slurm_host() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
-    try:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        return hosts.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0]
+def slurm_master_address() -> str:
+    """The first host of the job: SLURM_JOB_NODELIST in SLURM's compressed syntax
+    (`node[1-2]`, `a[01-03,7],b1`) expanded by submitit's parser, the one its own job
+    environment uses; no `scontrol` call, so it works wherever the job's environment is set."""
+    return SlurmJobEnvironment().hostnames[0]
 
 
 def environment_ranks(env=os.environ) -> tuple[int, int, int]:
@@ -65,7 +63,7 @@ def setup(requested_device: str = "auto") -> DistributedContext:
     device = choose_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = _first_slurm_host()
+            os.environ["MASTER_ADDR"] = slurm_master_address()
             os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")

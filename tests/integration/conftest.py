@@ -1,9 +1,11 @@
 """The local SLURM test cluster as a session fixture (for tests marked ``slurm``).
 
-``slurm_cluster`` starts the single-node cluster of ``launch/slurm_test_cluster.sh`` (or reuses
-one already running, e.g. started by CI), sets ``SLURM_CONF`` for the whole test session so that
-submitit's ``sbatch``/``sacct``/``scontrol`` calls (and the jobs themselves) reach it, and hands
-out a :class:`SlurmCluster` with small helpers that always poll with a deadline.
+``slurm_cluster`` starts the cluster of ``launch/slurm_test_cluster.sh`` (or reuses one already
+running, e.g. started by CI), sets ``SLURM_CONF`` for the whole test session so that submitit's
+``sbatch``/``sacct``/``scontrol`` calls (and the jobs themselves) reach it, and hands out a
+:class:`SlurmCluster` with small helpers that always poll with a deadline. ``two_node_cluster``
+is the same cluster for tests that need its two nodes (node1 and node2, each in its own network
+namespace); where the script could only make one node it skips with the script's reason.
 
 It skips, with the reason, when the cluster cannot exist here: not Linux/Debian, not root, or
 the packages are missing and cannot be installed. Set ``SPARSE_DETR_SLURM_REQUIRE=1`` (CI) to
@@ -91,6 +93,10 @@ class SlurmCluster:
         names = fields.split(",")
         return [dict(zip(names, line.split("|"))) for line in out.splitlines() if line.strip()]
 
+    def nodes(self) -> list[str]:
+        """The nodes of the partition, in order (``node1``, ``node2``; or this host alone)."""
+        return self.run("sinfo", "-h", "-N", "-p", self.partition, "-o", "%N").stdout.split()
+
     def state(self, job_id: str) -> str:
         """Current state as sacct reports it ("" while unknown). ``CANCELLED by 0`` -> ``CANCELLED``."""
         rows = self.sacct(job_id)
@@ -167,3 +173,15 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 
     if not was_running and not _env_flag("SPARSE_DETR_SLURM_KEEP"):
         _run_script("stop", timeout=120)
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(slurm_cluster: SlurmCluster) -> SlurmCluster:
+    """The test cluster when it has two nodes; skips (fails when required) with the start script's
+    reason where it has one."""
+    nodes = slurm_cluster.nodes()
+    if len(nodes) < 2:
+        reason_file = slurm_cluster.slurm_conf.parent.parent / "single-node-reason"
+        reason = reason_file.read_text().strip() if reason_file.is_file() else "no reason recorded"
+        _unavailable(f"the cluster has one node ({', '.join(nodes)}), not two: {reason}")
+    return slurm_cluster

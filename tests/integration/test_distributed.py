@@ -79,3 +79,13 @@ def test_ranks_come_from_torchrun_or_slurm_environment():
     slurm = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}
     assert distributed.environment_ranks(slurm) == (9, 16, 1)
     assert distributed.environment_ranks({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (0, 1, 0)
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("node[1-2]", "node1"), ("a[01-03,7],b1", "a01"), ("b1,a[01-03,7]", "b1"),
+    ("berzelius[008-010]", "berzelius008"), ("rack[2-3]n[09-10]", "rack2n09"), ("gpu7", "gpu7"),
+])
+def test_master_addr_is_the_first_host_of_the_slurm_node_list(monkeypatch, nodelist, first):
+    monkeypatch.setenv("SLURM_JOB_NODELIST", nodelist)
+    monkeypatch.setenv("PATH", "")  # no scontrol to ask: the node list alone must do
+    assert distributed.slurm_master_address() == first

@@ -4,71 +4,21 @@ requeued and finishes from its checkpoint in the same tracking run, and `sparse-
 follows it all. Run with:
 
     python -m pytest -m slurm tests/integration/test_sweeps.py -p no:cacheprovider
-
-The launcher blocks until every job has ended, so each sweep runs in a background process that the
-test polls (and ends, with its jobs, if the test fails).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-from pathlib import Path
-from typing import Iterator
 
 import pytest
+from slurm_sweeps import BASE, checkpoint_step, job_ids, sweep_process, sweep_status, wait_for_exit
 
 from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
 from sparse_detr.sweep import sbatch_script
 
 pytestmark = pytest.mark.slurm
-
-BASE = ["experiment=smoke", "cluster=local_slurm", "train.progress=off"]
-
-
-@contextlib.contextmanager
-def sweep_process(slurm_cluster, cwd: Path, sweep_dir: Path, *overrides: str) -> Iterator[subprocess.Popen]:
-    """`sparse-detr-train -m ...` in the background; on the way out, whatever happened, it is
-    stopped and the jobs it submitted are cancelled."""
-    log = open(cwd / "sweep.log", "w")
-    command = [sys.executable, "-m", "sparse_detr.train", "-m", *BASE, *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        yield process
-    except BaseException:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for job_id in job_ids(sweep_dir):  # (the launcher returns as soon as results are written;
-            slurm_cluster.run("scancel", job_id, check=False)  # jobs still finishing are left alone)
-        raise
-    finally:
-        log.close()
-
-
-def job_ids(sweep_dir: Path) -> list[str]:
-    folder = sweep_dir / ".submitit"
-    return sorted(p.name for p in folder.iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)) if folder.is_dir() else []
-
-
-def wait_for_exit(slurm_cluster, process: subprocess.Popen, cwd: Path, timeout_s: float) -> None:
-    slurm_cluster.wait_until(lambda: process.poll() is not None, timeout_s, "the sweep to end")
-    assert process.returncode == 0, (cwd / "sweep.log").read_text()[-4000:]
-
-
-def sweep_status(sweep_dir: Path) -> list[dict]:
-    result = subprocess.run([sys.executable, "-m", "sparse_detr.sweep", "status", "--json", str(sweep_dir)],
-                            capture_output=True, text=True, timeout=60, check=True)
-    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
 def sbatch_lines(text: str) -> list[str]:
@@ -132,13 +82,6 @@ def test_the_twelve_run_grid_runs_and_can_be_followed(slurm_cluster, tmp_path):
     assert "running" in seen_states or "pending" in seen_states, seen_states
 
 
-def checkpoint_step(path: Path) -> int:
-    try:
-        return load_training_checkpoint(path)["state"]["global_step"]
-    except Exception:  # not there yet, or being replaced
-        return -1
-
-
 def test_a_signalled_run_checkpoints_is_requeued_and_finishes_from_its_checkpoint(slurm_cluster, tmp_path):
     import submitit
 
@@ -190,3 +133,47 @@ def test_a_signalled_run_checkpoints_is_requeued_and_finishes_from_its_checkpoin
         lambda: (st := sweep_status(sweep_dir)) and all(s["state"] == "done" for s in st) and {s["run"]: s for s in st},
         30, "every run to be done")
     assert final[str(run_dir.relative_to(sweep_dir))]["requeues"] == 1
+
+
+def test_a_requeued_run_started_with_resume_resumes_from_its_own_later_checkpoint(slurm_cluster, tmp_path):
+    """Issue 13, case 1: `resume=` is where a new run starts; a requeue repeats the same command
+    line, and must then resume from the checkpoint the run wrote since, not from the `resume=` file."""
+    import submitit
+
+    given_dir = tmp_path / "given"
+    given = subprocess.run(
+        [sys.executable, "-m", "sparse_detr.train", *BASE, "attention=softmax", "placement=cross",
+         "train.max_steps=4", f"output_dir={given_dir}", f"hydra.run.dir={given_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert given.returncode == 0 and checkpoint_step(given_dir / CHECKPOINT_NAME) == 4, given.stderr[-3000:]
+
+    sweep_dir = tmp_path / "sweep"
+    epochs, steps_per_epoch, start = 20, 8, 4
+    overrides = ["attention=softmax", "placement=cross", f"schedule.epochs={epochs}", f"train.eval_every={epochs}",
+                 "train.log_every=1", "train.checkpoint_every=2", f"resume={given_dir / CHECKPOINT_NAME}"]
+    run_dir = sweep_dir / f"softmax-cross-tiny-shapes+schedule.epochs={epochs}/seed_42"
+    with sweep_process(slurm_cluster, tmp_path, sweep_dir, *overrides) as process:
+        # Its own checkpoint, well past the given one.
+        slurm_cluster.wait_until(lambda: checkpoint_step(run_dir / CHECKPOINT_NAME) >= start + 6, 180,
+                                 "the run's own checkpoint past step 10", interval_s=0.2)
+        (job_id,) = job_ids(sweep_dir)
+        submitit.SlurmJob(folder=sweep_dir / ".submitit" / "%j", job_id=job_id)._interrupt(timeout=True)
+        slurm_cluster.wait_until(
+            lambda: "resumed from" in (run_dir / "train.log").read_text().partition("received SIGUSR2")[2], 120,
+            "the requeued run to resume", interval_s=0.5)
+        wait_for_exit(slurm_cluster, process, tmp_path, timeout_s=240)
+
+    log = (run_dir / "train.log").read_text()
+    signalled = re.search(r"received SIGUSR2 at step (\d+): checkpoint saved", log)
+    assert signalled, log[-3000:]
+    signalled_step = int(signalled.group(1))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["global_step"] for row in rows if "train-main-metrics/loss" in row]
+    assert steps[0] == start + 1, f"the new run did not start from the resume= file: {steps[:5]}"
+    restarted_at = next((steps[i] for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
+    assert restarted_at is None, (
+        f"signalled at step {signalled_step} (its own checkpoint), the requeued run started again at step "
+        f"{restarted_at}: it resumed from the resume= file (step {start}), and trained steps "
+        f"{restarted_at}..{signalled_step} twice")
+    assert steps == list(range(start + 1, epochs * steps_per_epoch + 1))
+    assert checkpoint_step(run_dir / CHECKPOINT_NAME) == epochs * steps_per_epoch
