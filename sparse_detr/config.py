@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.data.config import DataConfig
+from sparse_detr.errors import UserError
 from sparse_detr.tracking import LoggerConfig
 
 MAPPING_NAMES = ("softmax", "sparsemax", "entmax15", "alpha_entmax")
@@ -25,10 +26,13 @@ ALPHA_FLOOR = 1.01  # learned alpha lives in (ALPHA_FLOOR, 2]: entmax_bisect bre
 SITES = ("encoder", "decoder", "cross")
 BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
 POSITION_EMBEDDINGS = ("sine", "learned")
+MAX_SEED = 2**63 - 1  # with the rank added, still a valid torch seed (< 2**64)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is out of range or not one of the valid choices."""
+
+    headline = "invalid configuration: "
 
 
 def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
@@ -212,6 +216,9 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def __post_init__(self):
+        check_range("seed", self.seed, low=0, high=MAX_SEED)
+
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 # `+model.dropout=0.2,...` after the variant name in run folders, or nothing without overrides.
@@ -231,14 +238,15 @@ def checkpoint_file(path: str) -> str:
 
 
 def reports_config_errors(entry_point: Callable) -> Callable:
-    """For `@hydra.main` functions: a ConfigError ends the program with one line on stderr naming
-    the key, the value and the valid choices, and exit status 2, instead of a traceback."""
+    """For `@hydra.main` functions: a UserError (a ConfigError naming the key, the value and the
+    valid choices; an unreadable file; a busy run folder; a full disk) ends the program with one
+    line on stderr and exit status 2, instead of a traceback."""
     @functools.wraps(entry_point)
     def run(*args, **kwargs):
         try:
             return entry_point(*args, **kwargs)
-        except ConfigError as error:
-            print(f"error: invalid configuration: {error}", file=sys.stderr)
+        except UserError as error:
+            print(f"error: {error.headline}{error}", file=sys.stderr)
             sys.exit(2)
 
     return run

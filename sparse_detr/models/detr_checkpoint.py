@@ -6,28 +6,44 @@ DETR's own checkpoints are `{"model": state_dict, ...}`; training checkpoints of
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sparse_detr.errors import UnreadableFile
+
 SAFE_GLOBALS = [argparse.Namespace]
+# Lines of torch.load's errors that say nothing about the file at hand.
+BOILERPLATE = ("Weights only load failed", "In PyTorch", "Please file an issue", "Check the documentation")
+
+
+def load_error_detail(error: Exception) -> str:
+    """The one informative line of a torch.load error (its messages run to several paragraphs)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if not line.startswith(BOILERPLATE)), "")
+    return f"{type(error).__name__}: {detail.split('. ')[0].removeprefix('WeightsUnpickler error: ')}"
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """torch.load with weights_only=True and DETR's `args` allowed; a clear error for anything else."""
+    """torch.load with weights_only=True and DETR's `args` allowed; UnreadableFile, naming the file,
+    for a file that is damaged, truncated, not a checkpoint, or holds objects that could run code."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"checkpoint {str(path)!r} holds objects that are not safe to load (only tensors, plain "
-            f"containers and argparse.Namespace are allowed): {error}"
-        ) from error
+    except OSError as error:
+        raise UnreadableFile(f"cannot read checkpoint {path}: {error.strerror or error}") from error
+    except Exception as error:  # torch.load raises RuntimeError, UnpicklingError, UnicodeDecodeError, ...
+        detail = load_error_detail(error)
+        if "global" in detail.lower():
+            raise UnreadableFile(
+                f"checkpoint {path} holds objects that are not safe to load (only tensors, plain "
+                f"containers and argparse.Namespace are allowed): {detail}") from error
+        raise UnreadableFile(f"checkpoint {path} is unreadable: truncated, damaged or not a PyTorch "
+                             f"checkpoint ({detail})") from error
 
 
 def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
