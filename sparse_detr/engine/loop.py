@@ -108,7 +108,7 @@ def check_outputs_finite(outputs: dict, criterion, step: int) -> None:
         terms = ", ".join(f"{name}=nan" for name in criterion.weight_dict)
         raise NonFiniteLoss(f"the model's outputs are not finite at global step {step} ({', '.join(bad[:4])}"
                             f"{', ...' if len(bad) > 4 else ''}), so every loss term is undefined: {terms}. "
-                            f"The step was not applied; the last checkpoint is kept")
+                            f"The step was not applied; the run folder keeps its last checkpoint")
 
 
 def train_one_epoch(model, criterion, loader, optimizer, state: TrainState, *, device, loop_cfg, clip_max_norm,
@@ -134,7 +134,7 @@ def train_one_epoch(model, criterion, loader, optimizer, state: TrainState, *, d
         if not math.isfinite(loss_value):
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise NonFiniteLoss(f"loss is {loss_value} at global step {state.global_step + 1}: {terms}. "
-                                f"The step was not applied; the last checkpoint is kept")
+                                f"The step was not applied; the run folder keeps its last checkpoint")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

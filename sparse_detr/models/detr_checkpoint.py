@@ -18,11 +18,14 @@ SAFE_GLOBALS = [argparse.Namespace]
 BOILERPLATE = ("Weights only load failed", "In PyTorch", "Please file an issue", "Check the documentation")
 
 
-def load_error_detail(error: Exception) -> str:
-    """The one informative line of a torch.load error (its messages run to several paragraphs)."""
+def load_error_detail(error: Exception) -> tuple[bool, str]:
+    """(whether the file holds a forbidden class or function, the one informative line of the
+    torch.load error: its messages run to several paragraphs and change between versions)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = next((line for line in lines if not line.startswith(BOILERPLATE)), "")
-    return f"{type(error).__name__}: {detail.split('. ')[0].removeprefix('WeightsUnpickler error: ')}"
+    forbidden = [line for line in lines if "GLOBAL" in line]
+    detail = (forbidden or [line for line in lines if not line.startswith(BOILERPLATE)] or [""])[0]
+    detail = detail.split("WeightsUnpickler error: ")[-1].split(". ")[0]
+    return bool(forbidden), f"{type(error).__name__}: {detail}"
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -37,8 +40,8 @@ def read_checkpoint(path: str | Path) -> dict:
     except OSError as error:
         raise UnreadableFile(f"cannot read checkpoint {path}: {error.strerror or error}") from error
     except Exception as error:  # torch.load raises RuntimeError, UnpicklingError, UnicodeDecodeError, ...
-        detail = load_error_detail(error)
-        if "global" in detail.lower():
+        forbidden, detail = load_error_detail(error)
+        if forbidden:
             raise UnreadableFile(
                 f"checkpoint {path} holds objects that are not safe to load (only tensors, plain "
                 f"containers and argparse.Namespace are allowed): {detail}") from error
