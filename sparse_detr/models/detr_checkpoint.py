@@ -6,6 +6,7 @@ DETR's own checkpoints are `{"model": state_dict, ...}`; training checkpoints of
 from __future__ import annotations
 
 import argparse
+import errno
 from pathlib import Path
 
 import torch
@@ -37,9 +38,9 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as error:
-        raise UnreadableFile(f"cannot read checkpoint {path}: {error.strerror or error}") from error
-    except Exception as error:  # torch.load raises RuntimeError, UnpicklingError, UnicodeDecodeError, ...
+    except Exception as error:  # torch.load raises RuntimeError, UnpicklingError, UnicodeDecodeError, OSError, ...
+        if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EIO):
+            raise UnreadableFile(f"checkpoint {path} is unreadable: {error.strerror}") from error
         forbidden, detail = load_error_detail(error)
         if forbidden:
             raise UnreadableFile(
