@@ -202,8 +202,8 @@ class ClusterConfig:
 class TrainConfig:
     seed: int = 42
     output_dir: Optional[str] = None  # None: the folder Hydra made for this run
-    resume: Optional[str] = None      # a checkpoint to resume from (default: the run folder's own)
-    init_from: Optional[str] = None   # model weights only (e.g. an official DETR checkpoint)
+    resume: Optional[str] = None      # where a new run starts; once the run folder has its own checkpoint, that wins
+    init_from: Optional[str] = None   # model weights only (e.g. an official DETR checkpoint), for a new run
     train: LoopConfig = field(default_factory=LoopConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
