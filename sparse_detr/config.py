@@ -31,6 +31,7 @@ ALPHA_FLOOR = 1.01  # learned alpha lives in (ALPHA_FLOOR, 2]: entmax_bisect bre
 BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
 DILATED_BACKBONES = ("resnet50", "resnet101")   # DETR's DC5: bottleneck ResNets only
 POSITION_EMBEDDINGS = ("sine", "learned")
+MAX_SEED = 2**63 - 1  # with the rank added, still a valid torch seed (< 2**64)
 
 
 def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
@@ -204,8 +205,8 @@ class ClusterConfig:
 class TrainConfig:
     seed: int = 42
     output_dir: Optional[str] = None  # None: the folder Hydra made for this run
-    resume: Optional[str] = None      # a checkpoint to resume from (default: the run folder's own)
-    init_from: Optional[str] = None   # model weights only (e.g. an official DETR checkpoint)
+    resume: Optional[str] = None      # where a new run starts; once the run folder has its own checkpoint, that wins
+    init_from: Optional[str] = None   # model weights only (e.g. an official DETR checkpoint), for a new run
     train: LoopConfig = field(default_factory=LoopConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -217,6 +218,9 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self):
+        check_range("seed", self.seed, low=0, high=MAX_SEED)
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -55,22 +55,30 @@ def name_tracking_run(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Validate, then run (or resume) the training in its run folder; returns the final COCO metrics."""
+    """Validate, then run (or resume) the training in its run folder; returns the final COCO metrics.
+
+    The run folder is locked for the whole run (`engine.run_lock`): a second start of the same
+    run stops before it writes anything."""
     run_dir = run_dir_of(cfg)
     validate_run(cfg, run_dir)
-    from sparse_detr.engine.trainer import Trainer  # heavy imports after the config is known good
+    from sparse_detr.engine import distributed  # heavy imports after the config is known good
+    from sparse_detr.engine.run_lock import hold_run_folder
+    from sparse_detr.engine.trainer import Trainer
 
-    name_tracking_run(cfg)
-    record_run(cfg, run_dir)
-    trainer = Trainer(cfg, run_dir)
-    try:
-        metrics = trainer.fit()
-    except BaseException:
-        with contextlib.suppress(Exception):  # the error that stopped training is the one to report
-            trainer.close(exit_code=1)
-        raise
-    trainer.close()
-    if trainer.ctx.is_main:
+    ctx = distributed.setup(cfg.train.device)
+    with hold_run_folder(run_dir, ctx):
+        name_tracking_run(cfg)
+        if ctx.is_main:
+            record_run(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir)
+        try:
+            metrics = trainer.fit()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error that stopped training is the one to report
+                trainer.close(exit_code=1)
+            raise
+        trainer.close()
+    if ctx.is_main:
         print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=None))
         print(f"run folder: {run_dir.resolve()}")
     return metrics

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sparse_detr.atomic_files import temporary_name
 from sparse_detr.data import SPLITS
 from sparse_detr.data.config import SHAPE_NAMES
 
@@ -60,7 +60,8 @@ def generate(cfg, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     log.info("generating the shapes data set (%d + %d images) into %s", cfg.num_train, cfg.num_val, folder)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    tmp = temporary_name(folder)
+    tmp.mkdir()  # as mkdir does, with the umask's permissions (mkdtemp's are 0700: unshareable)
     try:
         (tmp / "annotations").mkdir()
         for split, count in zip(SPLITS, (cfg.num_train, cfg.num_val)):

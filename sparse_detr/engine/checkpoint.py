@@ -1,35 +1,35 @@
 """Training checkpoints that survive a kill at any moment, and exact resumption of random streams.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed
-over the previous one, so a crash during a save leaves the previous checkpoint intact.
+over the previous one (`atomic_files`), so a crash or a full disk during a save leaves the
+previous checkpoint intact. The run folder keeps the last two: `checkpoint.pth` and the one it
+replaced, `checkpoint.prev.pth`, for when the newest turns out unreadable.
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sparse_detr.atomic_files import write_atomically
+from sparse_detr.errors import UnreadableFile
+from sparse_detr.models.detr_checkpoint import read_checkpoint
+
 CHECKPOINT_NAME = "checkpoint.pth"
+PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pth"
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def previous_checkpoint(path: str | Path) -> Path:
+    """`checkpoint.prev.pth` beside a run folder's `checkpoint.pth`."""
+    return Path(path).with_name(PREVIOUS_CHECKPOINT_NAME)
+
+
+def atomic_save(obj, path: str | Path, keep_previous: bool = False) -> None:
+    """torch.save, atomically; keep_previous: the replaced file becomes `checkpoint.prev.pth`."""
+    write_atomically(path, lambda handle: torch.save(obj, handle),
+                     keep_previous=previous_checkpoint(path) if keep_previous else None)
 
 
 def rng_states() -> dict:
@@ -53,8 +53,15 @@ def restore_rng_states(states: dict) -> None:
 
 
 def load_training_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by `atomic_save`: tensors and plain containers only (weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by `atomic_save`: tensors and plain containers only (weights_only).
+
+    An unreadable `checkpoint.pth` whose run folder keeps `checkpoint.prev.pth` says so, and how
+    to go on from it: which one to use (or to start afresh) is the user's choice; nothing is deleted."""
+    try:
+        return read_checkpoint(path)
+    except UnreadableFile as error:
+        previous = previous_checkpoint(path)
+        if Path(path).name != CHECKPOINT_NAME or not previous.is_file():
+            raise
+        raise UnreadableFile(f"{error}. The previous checkpoint {previous} exists: to resume from it, "
+                             f"`mv {previous} {path}`") from error

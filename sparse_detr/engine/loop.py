@@ -4,13 +4,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from sparse_detr.engine.progress import Progress
+from sparse_detr.errors import UserError
 from sparse_detr.matching.criterion import total_loss
 from sparse_detr.metrics.coco_eval import CocoEvaluator
 from sparse_detr.metrics.sparsity import SparsityAccumulator, site_masks
@@ -21,8 +22,9 @@ MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 ERROR_TERMS = ("class_error", "cardinality_error")
 
 
-class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite; the run stops before the step is applied."""
+class NonFiniteLoss(UserError, FloatingPointError):
+    """The loss (or the model's output) became NaN or infinite; the run stops before the step is
+    applied, keeping the last good checkpoint. A diverging run, not a bug: one line, no traceback."""
 
 
 @dataclass
@@ -30,6 +32,9 @@ class TrainState:
     epoch: int = 0            # the epoch being run (or to run next)
     batch_in_epoch: int = 0   # batches of `epoch` already trained on
     global_step: int = 0      # optimizer steps since the start of the run, across resumes
+    # Sums of the main terms over the epoch's batches so far: saved with the rest, so an epoch's
+    # means after a resume (or a stop at its very end) are the uninterrupted run's.
+    epoch_sums: dict[str, float] = field(default_factory=dict)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -84,6 +89,28 @@ def training_metrics(losses: dict[str, torch.Tensor], weight_dict: dict[str, flo
     return metrics
 
 
+def non_finite_outputs(outputs: dict, prefix: str = "") -> list[str]:
+    """Names of the model's output tensors holding NaN or inf (aux outputs as `aux_outputs[i].pred_boxes`)."""
+    names = []
+    for key, value in outputs.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            names.append(prefix + key)
+        elif key == "aux_outputs":
+            for index, aux in enumerate(value):
+                names += non_finite_outputs(aux, f"{prefix}{key}[{index}].")
+    return names
+
+
+def check_outputs_finite(outputs: dict, criterion, step: int) -> None:
+    """Before matching: the matcher cannot assign on NaN costs, and no loss term is defined."""
+    bad = non_finite_outputs(outputs)
+    if bad:
+        terms = ", ".join(f"{name}=nan" for name in criterion.weight_dict)
+        raise NonFiniteLoss(f"the model's outputs are not finite at global step {step} ({', '.join(bad[:4])}"
+                            f"{', ...' if len(bad) > 4 else ''}), so every loss term is undefined: {terms}. "
+                            f"The step was not applied; the run folder keeps its last checkpoint")
+
+
 def train_one_epoch(model, criterion, loader, optimizer, state: TrainState, *, device, loop_cfg, clip_max_norm,
                     tracker, on_step=None, scaler=None) -> dict[str, float]:
     """Train until the loader is exhausted or `max_steps` is reached; returns epoch means of the main terms.
@@ -91,7 +118,7 @@ def train_one_epoch(model, criterion, loader, optimizer, state: TrainState, *, d
     on_step(state) runs after every optimizer step (the trainer checkpoints there)."""
     model.train()
     criterion.train()
-    sums: dict[str, float] = {}
+    sums = state.epoch_sums
     progress = Progress(len(loader), f"epoch {state.epoch}", loop_cfg.progress)
     tick = time.perf_counter()
     for images, mask, targets in loader:
@@ -99,12 +126,15 @@ def train_one_epoch(model, criterion, loader, optimizer, state: TrainState, *, d
         images, mask, targets = to_device(images, mask, targets, device)
         with autocast(device, loop_cfg.amp):
             outputs = model(images, mask)
-        losses = criterion(_float(outputs), targets)
+        outputs = _float(outputs)
+        check_outputs_finite(outputs, criterion, state.global_step + 1)
+        losses = criterion(outputs, targets)
         loss = total_loss(losses, criterion.weight_dict)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-            raise NonFiniteLoss(f"loss is {loss_value} at global step {state.global_step + 1}: {terms}")
+            raise NonFiniteLoss(f"loss is {loss_value} at global step {state.global_step + 1}: {terms}. "
+                                f"The step was not applied; the run folder keeps its last checkpoint")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -7,6 +7,14 @@ import math
 import torch
 from torch.utils.data import Dataset, Sampler
 
+SEED_SPACE = 2**64  # torch generators take seeds in [0, 2**64)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The generator seed of one sample's augmentation, for any run seed (0 .. 2**63-1): wrapped
+    into torch's range (small seeds keep the streams they always had; large ones cannot overflow)."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % SEED_SPACE
+
 
 class EpochSampler(Sampler[int]):
     """A shuffled order drawn from (seed, epoch), split across ranks, able to start mid-epoch."""
@@ -22,7 +30,8 @@ class EpochSampler(Sampler[int]):
 
     def _shard(self) -> list[int]:
         if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            generator = torch.Generator().manual_seed((self.seed + self.epoch) % SEED_SPACE)
+            order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
         per_rank = math.ceil(self.size / self.world_size)
@@ -48,5 +57,5 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
             return self.dataset[index]

@@ -14,7 +14,7 @@ from sparse_detr.data.collate import collate
 from sparse_detr.engine import distributed
 from sparse_detr.engine.checkpoint import (CHECKPOINT_NAME, atomic_save, load_training_checkpoint,
                                            restore_rng_states, rng_states)
-from sparse_detr.engine.loop import TrainState, evaluate, train_one_epoch, unwrap
+from sparse_detr.engine.loop import TrainState, evaluate, mean_across_ranks, train_one_epoch, unwrap
 from sparse_detr.engine.optim import build_optimizer, build_scheduler
 from sparse_detr.engine.preemption import PreemptionGuard
 from sparse_detr.errors import ConfigError
@@ -35,8 +35,17 @@ def make_loader(dataset, batch_size: int, num_workers: int, sampler: EpochSample
                       num_workers=num_workers, generator=torch.Generator(), persistent_workers=False)
 
 
+def mapping_state_keys(model) -> set[str]:
+    """State-dict keys of the attention mappings' own parameters (a learned alpha-entmax's `pre_alpha`)."""
+    mappings = {id(attention.mapping) for _, _, attention in unwrap(model).transformer.site_attention()}
+    return {f"{name}.{key}" for name, module in unwrap(model).named_modules() if id(module) in mappings
+            for key in module.state_dict()}
+
+
 def init_from_weights(model, path: str) -> None:
-    """Model weights only, for fine-tuning; a class head of another size is left re-initialised."""
+    """Model weights only, for fine-tuning. A class head of another size is left re-initialised, and
+    mapping parameters the checkpoint lacks (softmax or official DETR weights into a learned
+    alpha-entmax model) keep their configured initial values; any other missing or extra key is an error."""
     weights = model_state_dict(read_checkpoint(path))
     own = model.state_dict()
     head = ("class_embed.weight", "class_embed.bias")
@@ -46,7 +55,11 @@ def init_from_weights(model, path: str) -> None:
         for key in head:
             del weights[key]
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k not in head or k in weights]
+    new_mapping_keys = sorted(set(missing) & mapping_state_keys(model))
+    if new_mapping_keys:
+        log.info("init_from: %d attention mapping parameters not in the checkpoint keep their initial values "
+                 "(%s, ...)", len(new_mapping_keys), new_mapping_keys[0])
+    missing = [k for k in missing if (k not in head or k in weights) and k not in new_mapping_keys]
     if missing or unexpected:
         raise ValueError(f"init_from={path!r} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -99,11 +112,21 @@ class Trainer:
         return self.run_dir / CHECKPOINT_NAME
 
     def _restore(self) -> None:
-        """Resume from `resume=`, else from the run folder's own checkpoint; else `init_from=`."""
-        path = self.cfg.resume or (self.checkpoint_path if self.checkpoint_path.is_file() else None)
-        if path is None:
+        """The run folder's own checkpoint, once there is one; else `resume=` or `init_from=`, which
+        only say where a new run starts (a requeue repeats them, and must not go back to them)."""
+        own = self.checkpoint_path.is_file()
+        ignored = [f"{key}={self.cfg[key]}" for key in ("resume", "init_from") if self.cfg[key]]
+        if own:
+            path = self.checkpoint_path
+            if ignored and self.ctx.is_main:
+                log.info("the run folder holds its own checkpoint: resuming from it, not from %s "
+                         "(those only start a new run)", " or ".join(ignored))
+        elif self.cfg.resume:
+            path = self.cfg.resume
+        else:
             if self.cfg.init_from:
                 init_from_weights(self.model, self.cfg.init_from)
+                log.info("new run: weights from init_from=%s", self.cfg.init_from)
             return
         checkpoint = load_training_checkpoint(path)
         self.model.load_state_dict(checkpoint["model"])
@@ -114,7 +137,8 @@ class Trainer:
         self.state = TrainState(**checkpoint["state"])
         self.tracker_run_id = checkpoint.get("tracker_run_id")
         restore_rng_states(checkpoint["rng"][min(self.ctx.rank, len(checkpoint["rng"]) - 1)])
-        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.global_step)
+        log.info("resumed from %s (%s) at epoch %d, step %d", path, "the run folder's own checkpoint" if own else "resume=",
+                 self.state.epoch, self.state.global_step)
 
     def save(self, state: TrainState | None = None) -> None:
         """Every rank's random streams are gathered; rank 0 writes the file."""
@@ -122,19 +146,21 @@ class Trainer:
         if self.ctx.enabled:
             states = [None] * self.ctx.world_size
             torch.distributed.all_gather_object(states, rng_states())
+        state = state or self.state
+        # The epoch's running sums as the mean over ranks: every rank resumes from rank 0's file.
+        saved_state = {**vars(state), "epoch_sums": mean_across_ranks(dict(state.epoch_sums))}
         if not self.ctx.is_main:
             return
-        state = state or self.state
         atomic_save({
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "state": vars(state).copy(),
+            "state": saved_state,
             "rng": states,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "tracker_run_id": self.tracker.run_id,
-        }, self.checkpoint_path)
+        }, self.checkpoint_path, keep_previous=True)
 
     def _on_step(self, state: TrainState) -> None:
         every = self.cfg.train.checkpoint_every
@@ -179,7 +205,7 @@ class Trainer:
             if self.state.batch_in_epoch < self.batches_per_epoch:  # stopped early by max_steps
                 self.save()
                 break
-            self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+            self.state.epoch, self.state.batch_in_epoch, self.state.epoch_sums = epoch + 1, 0, {}
             self.scheduler.step()
             self.tracker.log_epoch({f"{TRAIN_EPOCH_MAIN}/{k.split('/')[-1]}": v for k, v in means.items()}, epoch=epoch)
             if self.state.epoch % cfg.train.eval_every == 0 or self.state.epoch == cfg.schedule.epochs:

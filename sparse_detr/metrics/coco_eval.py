@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -24,6 +23,8 @@ import torch
 import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from sparse_detr.atomic_files import write_atomically
 
 # The order of COCOeval.stats after summarize().
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -127,19 +128,13 @@ class CocoEvaluator:
 def write_metrics_json(metrics: Mapping[str, float], path: str | os.PathLike) -> None:
     """Write metrics to `path` as strict JSON (NaN -> null), atomically.
 
-    A temporary file in the same folder is renamed over `path`, so a reader (a report collecting a
-    sweep, a requeued job) never sees a half-written file.
+    A reader (a report collecting a sweep, a requeued job) never sees a half-written file, and the
+    file gets the umask's permissions, as the checkpoint beside it does (`atomic_files`).
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     values = {name: None if isinstance(v, float) and math.isnan(v) else v for name, v in metrics.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".metrics-", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump(values, file, indent=2, allow_nan=False)
-            file.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    def dump(file) -> None:
+        json.dump(values, file, indent=2, allow_nan=False)
+        file.write("\n")
+
+    write_atomically(path, dump, binary=False)

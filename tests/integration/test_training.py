@@ -72,6 +72,19 @@ def test_sigkill_then_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+    # The epoch means too: the running sums were in the checkpoint, not only the post-resume steps.
+    assert epoch_means(killed) == epoch_means(straight) and len(epoch_means(straight)) == 2
+
+
+def epoch_means(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{epoch: train-epoch-main-metrics/*} from metrics.jsonl; a line logged again wins."""
+    means = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        values = {k: v for k, v in row.items() if k.startswith("train-epoch-main-metrics/")}
+        if values:
+            means[row["epoch"]] = values
+    return means
 
 
 def test_a_bad_value_fails_before_any_work_with_the_valid_choices(tmp_path):
