@@ -47,11 +47,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint is required: sparse-detr-eval checkpoint=RUN_FOLDER[/checkpoint.pth]")
     args: EvaluateConfig = validate(cfg)
-    from sparse_detr.analysis.attention_stats import load_trained_model  # heavy imports after the checks
-    from sparse_detr.data import evaluation_dataset
+    from sparse_detr.data import evaluation_dataset  # heavy imports after the checks
     from sparse_detr.engine.distributed import choose_device
     from sparse_detr.engine.loop import evaluate
     from sparse_detr.engine.sampling import EpochSampler
+    from sparse_detr.engine.trained_model import load_trained_model
     from sparse_detr.engine.trainer import make_loader
     from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
 
