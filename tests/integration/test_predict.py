@@ -8,25 +8,18 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from sparse_detr.config import ConfigError, config_dir
 from sparse_detr.data import as_data_config
 from sparse_detr.data.transforms import build_transforms
-from sparse_detr.engine.checkpoint import atomic_save
-from sparse_detr.models.detr import PostProcess, build_model
+from sparse_detr.models.detr import PostProcess
 
 NAMES = ["ant", "bee", "cat", "dog", "eel"]
 CATEGORY_IDS = [3, 5, 7, 11, 13]  # not the labels: the JSON must carry the data set's own ids
 
 
-def save_checkpoint(cfg, path):
-    torch.manual_seed(0)
-    model = build_model(cfg)[0].eval()
-    atomic_save({"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
-                 "categories": [{"id": i, "name": n} for i, n in zip(CATEGORY_IDS, NAMES)]}, path)
-    return model
+CATEGORIES = [{"id": i, "name": n} for i, n in zip(CATEGORY_IDS, NAMES)]
 
 
 def write_images(folder, sizes):
@@ -41,9 +34,9 @@ def write_images(folder, sizes):
 
 
 @pytest.fixture
-def run(tmp_path, compose):
+def run(tmp_path, compose, write_checkpoint):
     cfg = compose("placement=cross", "attention=sparsemax", "attention.impl=eager")
-    model = save_checkpoint(cfg, tmp_path / "run" / "checkpoint.pth")
+    model = write_checkpoint(cfg, tmp_path / "run" / "checkpoint.pth", CATEGORIES)
     write_images(tmp_path / "images", [(48, 64), (70, 40), (64, 64)])
     return cfg, model, tmp_path
 
