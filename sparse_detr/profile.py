@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sparse_detr.config import TrainConfig, check_choice, check_range, config_dir, reports_config_errors, validate
@@ -63,6 +65,8 @@ def profile(cfg: DictConfig) -> str:
 @hydra.main(config_path=str(config_dir()), config_name="profile", version_base="1.3")
 @reports_config_errors
 def _main(cfg: DictConfig) -> None:
+    if HydraConfig.get().mode == RunMode.MULTIRUN and HydraConfig.get().job.num > 0:
+        cfg.profile.header = False  # one table for a -m sweep
     profile(cfg)
 
 

@@ -6,7 +6,8 @@
 - inference: images per second of `model(images)` under no_grad, eval mode;
 - training: optimizer steps per second (forward, set loss, backward, clipping, AdamW);
 - peak memory: on CUDA the peak allocation over the measured passes; on the CPU the process's
-  peak resident set (`ru_maxrss`), which includes Python and everything loaded before.
+  peak resident set (VmHWM, reset before the model is built through /proc/self/clear_refs, so
+  rows of one `-m` sweep do not inherit each other's peak; it includes Python and the libraries).
 Timings are the median of `repeats` after `warmup` calls (the first compiles the fast solver).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,6 +25,7 @@ from sparse_detr.config import SITES
 from sparse_detr.bench.training_step import random_batch, training_step
 from sparse_detr.models.detr import resolve_num_classes
 
+CLEAR_REFS, PROC_STATUS = "/proc/self/clear_refs", "/proc/self/status"
 COLUMNS = ("backbone", "attention (encoder/decoder/cross)", "image", "batch", "device", "parameters (M)", "trainable (M)",
            "alpha", "GFLOPs", "inference (img/s)", "training (steps/s)", "peak memory (MB)")
 
@@ -68,17 +71,30 @@ def median_seconds(call, device: torch.device, warmup: int, repeats: int) -> flo
     return statistics.median(times)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path(CLEAR_REFS).write_text("5")  # Linux: reset the peak resident set size to the current one
+    except OSError:
+        pass  # not Linux, or not allowed: the peak since the process started
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        status = Path(PROC_STATUS).read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def measure_costs(cfg, batch: int, height: int, width: int, device: torch.device, *, warmup: int = 1,
                   repeats: int = 5) -> Costs:
     """Build the configured model, count, and time inference and training on random images."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     model, step = training_step(cfg, batch, height, width, device)
     total, trainable, alpha = parameter_counts(model)
     images, mask, _ = random_batch(batch, height, width, device, resolve_num_classes(cfg))
