@@ -71,7 +71,6 @@ def predict(cfg: DictConfig) -> Path:
     trained = load_trained_model(args.checkpoint, args.overrides, device)
     names = [category["name"] for category in trained.categories]
     out = Path(args.output) if args.output else Path(args.checkpoint).parent / "predictions"
-    out.mkdir(parents=True, exist_ok=True)
     paths = input_files(args.input)
     rows, images = [], 0
     for prediction in predict_images(trained, paths, threshold=args.threshold, batch_size=args.batch_size,

@@ -85,3 +85,18 @@ def test_a_config_we_cannot_represent_names_the_field(field, value):
               "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048, field: value}
     with pytest.raises(ValueError, match=field):
         check_representable(config)
+
+
+def test_transformers_5_module_names_convert_as_the_saved_legacy_names():
+    from sparse_detr.models.hf_detr import convert_state_dict
+
+    legacy = {"model.encoder.layers.0.self_attn.out_proj.weight": torch.ones(2, 2),
+              "model.decoder.layers.1.fc1.bias": torch.zeros(3),
+              "model.backbone.conv_encoder.model.layer1.0.conv1.weight": torch.ones(1)}
+    renamed = {"model.encoder.layers.0.self_attn.o_proj.weight": torch.ones(2, 2),
+               "model.decoder.layers.1.mlp.fc1.bias": torch.zeros(3),
+               "model.backbone.model.layer1.0.conv1.weight": torch.ones(1)}
+    expected = ["transformer.encoder.layers.0.self_attn.out_proj.weight", "transformer.decoder.layers.1.linear1.bias",
+                "backbone.0.body.layer1.0.conv1.weight"]  # a timm backbone keeps torchvision's names
+    assert sorted(convert_state_dict(legacy, timm_backbone=True)) == sorted(expected)
+    assert sorted(convert_state_dict(renamed, timm_backbone=True)) == sorted(expected)
