@@ -122,3 +122,12 @@ def test_a_missing_input_or_bad_threshold_is_refused_before_any_work(run):
         validate(predict_config(f"checkpoint={tmp_path}/run", f"input={tmp_path}/nowhere"))
     with pytest.raises(ConfigError, match="threshold=1.5"):
         validate(predict_config(f"checkpoint={tmp_path}/run", f"input={tmp_path}/images", "threshold=1.5"))
+
+
+def test_a_checkpoint_without_class_names_names_classes_by_label(tmp_path, compose, write_checkpoint, caplog):
+    from sparse_detr.engine.trained_model import load_trained_model
+
+    write_checkpoint(compose(), tmp_path / "checkpoint.pth")  # as written before names were saved
+    trained = load_trained_model(tmp_path / "checkpoint.pth")
+    assert trained.categories == [{"id": label, "name": f"class {label}"} for label in range(5)]
+    assert "stores no class names" in caplog.text

@@ -10,7 +10,7 @@ from sparse_detr.engine.trainer import init_from_weights
 from sparse_detr.models.detr import build_model
 from sparse_detr.models.hf_detr import check_representable, model_overrides
 
-transformers = pytest.importorskip("transformers", reason="transformers is a test-only dependency: pip install -e .[hf]")
+transformers = pytest.importorskip("transformers", reason="transformers is a test-only dependency: pip install -e .[dev]")
 pytest.importorskip("safetensors")
 
 TINY = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
