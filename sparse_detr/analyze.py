@@ -98,9 +98,10 @@ def analyze(cfg: DictConfig) -> Path:
     from sparse_detr.data import evaluation_dataset
     from sparse_detr.engine.distributed import choose_device
     from sparse_detr.engine.loop import learned_alphas
+    from sparse_detr.engine.trained_model import load_trained_model
 
     device = choose_device(args.device, 0)
-    trained = stats_lib.load_trained_model(args.checkpoint, args.overrides, device)
+    trained = load_trained_model(args.checkpoint, args.overrides, device, command="sparse-detr-analyze")
     dataset = evaluation_dataset(trained.cfg.data, args.split)
     check_against_run(args, trained.cfg, len(dataset))
     run_dir = Path(args.checkpoint).parent

@@ -304,10 +304,12 @@ def validate_run(cfg: DictConfig, run_dir: str | Path) -> TrainConfig:
     saved config checked by `sparse-detr-eval` elsewhere is not a start, and skips this.)"""
     checked = validate(cfg)
     if not (Path(run_dir) / RUN_CHECKPOINT).is_file():
-        for key in ("resume", "init_from"):
-            path = getattr(checked, key)
-            if path and not Path(path).is_file():
-                raise ConfigError(f"{key}={path!r}: no such file (give the path of a checkpoint .pth file)")
+        if checked.resume and not Path(checked.resume).expanduser().is_file():
+            raise ConfigError(f"resume={checked.resume!r}: no such file (give the path of a checkpoint .pth file)")
+        init_from = Path(checked.init_from).expanduser() if checked.init_from else None
+        if init_from and not (init_from.is_file() or (init_from / "config.json").is_file()):
+            raise ConfigError(f"init_from={checked.init_from!r}: no such file (give a checkpoint .pth file, "
+                              "or a Hugging Face DETR folder with config.json)")
     return checked
 
 

@@ -1,61 +1,24 @@
 """A trained model over a data split: COCO AP, attention sparsity per site/layer/head, and PAIBB.
 
 The metrics are those of `sparse_detr.metrics` (SparsityAccumulator, paibb, CocoEvaluator); this
-module only loads the model back from its checkpoint, runs it, and turns the results into rows.
+module only runs a trained model (`engine.trained_model`) and turns the results into rows.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from sparse_detr.config import ConfigError, TrainConfig, validate
 from sparse_detr.sites import SITES
 from sparse_detr.data.collate import collate
-from sparse_detr.engine.checkpoint import load_training_checkpoint
 from sparse_detr.engine.loop import to_device
 from sparse_detr.metrics.coco_eval import CocoEvaluator
 from sparse_detr.metrics.sparsity import METRICS, SparsityAccumulator, paibb, site_masks
-from sparse_detr.models.detr import build_model
 
 SPARSITY_COLUMNS = ("site", "layer", "head", *METRICS)
 PAIBB_COLUMNS = ("layer", "head", "paibb", "pairs")
-
-
-@dataclass
-class TrainedModel:
-    cfg: DictConfig           # the run's config (with any overrides), validated
-    model: torch.nn.Module    # in eval mode, on the requested device
-    criterion: torch.nn.Module
-    postprocessor: torch.nn.Module
-    state: dict               # the training state saved with it: epoch, global_step, ...
-
-
-def load_trained_model(checkpoint: str | Path, overrides: Sequence[str] = (),
-                       device: str | torch.device = "cpu", command: str = "sparse-detr-analyze") -> TrainedModel:
-    """A `sparse-detr-train` checkpoint -> the model rebuilt from the checkpoint's saved config.
-
-    `overrides` (dotlist, e.g. "data.root=/data/coco") change that config first, for a data set
-    that moved or a smaller batch. `command` (the program asking) is named when the checkpoint
-    holds weights only.
-    """
-    saved = load_training_checkpoint(checkpoint)
-    if not saved.get("config") or "model" not in saved:
-        raise ConfigError(f"checkpoint={str(checkpoint)!r} holds no saved config and model; "
-                          f"{command} needs a checkpoint written by sparse-detr-train")
-    try:
-        changes = OmegaConf.from_dotlist(list(overrides))
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved["config"], changes)
-    except Exception as error:  # an unknown key or a badly typed value
-        raise ConfigError(f"overrides={list(overrides)}: {error}") from error
-    validate(cfg)
-    model, criterion, postprocessor = build_model(cfg)
-    model.load_state_dict(saved["model"])
-    return TrainedModel(cfg, model.to(device).eval(), criterion.to(device), postprocessor, saved.get("state", {}))
 
 
 def matched_pairs(criterion, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:

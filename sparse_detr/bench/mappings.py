@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from sparse_detr.bench.training_step import training_step
 from sparse_detr.models.mappings import attention_mapping
 
 SHAPES = {"encoder": (850, 850), "cross": (100, 850), "decoder-self": (100, 100)}
@@ -177,29 +178,8 @@ TRAINING_ATTENTION = {"softmax": ["attention=softmax"], "sparsemax": ["attention
 def _training_step(overrides: list[str], batch: int, height: int, width: int, device: torch.device):
     """A closure running one training step of the configured DETR on a fixed random batch."""
     from sparse_detr import load_config
-    from sparse_detr.engine.optim import build_optimizer
-    from sparse_detr.matching.criterion import total_loss
-    from sparse_detr.models.detr import build_model, resolve_num_classes
 
-    cfg = load_config([*overrides, "placement=all"])
-    torch.manual_seed(0)
-    model, criterion, _ = build_model(cfg)
-    model.to(device).train()
-    optimizer = build_optimizer(model, cfg.optim)
-    images = torch.randn(batch, 3, height, width, device=device)
-    mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
-    targets = [{"labels": torch.randint(resolve_num_classes(cfg), (3,), device=device),
-                "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4], [0.5, 0.7, 0.5, 0.2]], device=device)}
-               for _ in range(batch)]
-
-    def step():
-        losses = criterion(model(images, mask), targets)
-        optimizer.zero_grad(set_to_none=True)
-        total_loss(losses, criterion.weight_dict).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
-        optimizer.step()
-
-    return step
+    return training_step(load_config([*overrides, "placement=all"]), batch, height, width, device)[1]
 
 
 def training_section(args, device: torch.device) -> str:

@@ -222,3 +222,13 @@ class CocoDetection(torch.utils.data.Dataset):
         if list(image.shape[-2:]) != size:
             raise OSError(f"image is {tuple(image.shape[-2:])} (h, w), the annotation file says {tuple(size)}")
         return image
+
+
+def category_table(dataset: CocoDetection) -> list[dict]:
+    """[{"id": category id, "name": its name}] in label order: what a trained model's labels mean.
+
+    Saved in training checkpoints, so a model can name its classes without its data set. A label
+    whose id the file does not list (COCO's unused ids) is named by its id.
+    """
+    return [{"id": int(category), "name": str(dataset.coco.cats.get(category, {}).get("name", category))}
+            for category in dataset.label_to_category]

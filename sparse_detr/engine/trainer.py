@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from sparse_detr.data import build_dataset
+from sparse_detr.data.coco import category_table
 from sparse_detr.data.collate import collate
 from sparse_detr.engine import distributed
 from sparse_detr.engine.checkpoint import (CHECKPOINT_NAME, atomic_save, load_training_checkpoint,
@@ -159,6 +160,7 @@ class Trainer:
             "state": saved_state,
             "rng": states,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "categories": category_table(self.val_set),
             "tracker_run_id": self.tracker.run_id,
         }, self.checkpoint_path, keep_previous=True)
 

@@ -91,6 +91,10 @@ class CocoEvaluator:
             merged.update(part)
         self._detections = merged
 
+    def detections(self) -> dict[int, np.ndarray]:
+        """image id -> its [Q, 7] rows (image_id, x, y, w, h, score, category_id) of every image seen."""
+        return dict(self._detections)
+
     def compute(self) -> dict[str, float]:
         """Score the images seen so far -> {"AP", "AP50", ..., "ARl"} (floats, NaN where pycocotools says -1).
 

@@ -2,6 +2,7 @@
 
 DETR's own checkpoints are `{"model": state_dict, ...}`; training checkpoints of DETR also carry
 `args` (an `argparse.Namespace`), which is the one non-tensor class we allow to be unpickled.
+A Hugging Face DETR folder (`save_pretrained`) is read too, its keys renamed to ours.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from sparse_detr.errors import UnreadableFile
+from sparse_detr.models.hf_detr import is_hf_detr_folder, load_hf_detr_folder
 
 SAFE_GLOBALS = [argparse.Namespace]
 # Lines of torch.load's errors that say nothing about the file at hand.
@@ -31,8 +33,13 @@ def load_error_detail(error: Exception) -> tuple[bool, str]:
 
 def read_checkpoint(path: str | Path) -> dict:
     """torch.load with weights_only=True and DETR's `args` allowed; UnreadableFile, naming the file,
-    for a file that is damaged, truncated, not a checkpoint, or holds objects that could run code."""
+    for a file that is damaged, truncated, not a checkpoint, or holds objects that could run code.
+
+    A Hugging Face DETR folder gives `{"model": its weights under our key names}`.
+    """
     path = Path(path).expanduser()
+    if is_hf_detr_folder(path):
+        return {"model": load_hf_detr_folder(path)}
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file")
     try:

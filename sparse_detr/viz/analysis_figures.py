@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 from torchvision.ops import box_convert
 
-from sparse_detr.analysis.attention_stats import AttentionStats, TrainedModel, matched_pairs
+from sparse_detr.analysis.attention_stats import AttentionStats, matched_pairs
 from sparse_detr.analysis.run_folders import alpha_trajectories, read_metrics_log
+from sparse_detr.data.coco import category_table
+from sparse_detr.engine.trained_model import TrainedModel
 from sparse_detr.metrics.sparsity import METRICS
 from sparse_detr.tracking import ALPHA
 from sparse_detr.viz import save_figure
@@ -56,8 +58,7 @@ def image_figures(trained: TrainedModel, dataset, index: int, fig_cfg, device):
     def pixels(boxes):  # normalised cxcywh -> xyxy pixels of the shown image
         return (box_convert(boxes, "cxcywh", "xyxy") * boxes.new_tensor([width, height] * 2)).tolist()
 
-    names = {label: dataset.coco.cats.get(category, {}).get("name", str(label))
-             for label, category in enumerate(dataset.label_to_category)}
+    names = {label: category["name"] for label, category in enumerate(category_table(dataset))}
 
     def predicted(query: int) -> tuple:
         score, label = float(result["scores"][query]), int(result["labels"][query])
