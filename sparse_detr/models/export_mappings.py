@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparse_detr.models.mappings import AlphaEntmax, AttentionMapping, Entmax15, Sparsemax
+from sparse_detr.errors import ConfigError
+from sparse_detr.models.mappings import AttentionMapping
+from sparse_detr.models.mappings.entmax import AlphaEntmax
 
 BISECTION_STEPS = 12  # the bracket shrinks to 2^-12 of its width (at most 1)
 NEWTON_STEPS = 3
@@ -98,15 +100,20 @@ class BisectedAlphaEntmax(AlphaEntmax):
         return p / p.sum(-1, keepdim=True)
 
 
-def export_mapping(mapping: nn.Module) -> nn.Module:
-    """The export-friendly equivalent of a training mapping (softmax is already one)."""
-    if isinstance(mapping, Sparsemax):
-        return SortedSparsemax()
-    if isinstance(mapping, Entmax15):
-        return SortedEntmax15()
-    if isinstance(mapping, AlphaEntmax):
-        return BisectedAlphaEntmax.like(mapping)
-    return mapping
+# kind name -> its export-friendly equivalent, built from the training module
+EXPORT_FORMS = {
+    "softmax": lambda mapping: mapping,
+    "sparsemax": lambda mapping: SortedSparsemax(),
+    "entmax15": lambda mapping: SortedEntmax15(),
+    "alpha_entmax": BisectedAlphaEntmax.like,
+}
+
+
+def export_mapping(mapping: AttentionMapping) -> nn.Module:
+    """The export-friendly equivalent of a training mapping; a ConfigError for a kind without one."""
+    if mapping.name not in EXPORT_FORMS:
+        raise ConfigError(f"attention mapping {mapping.name!r} has no export form; exportable: {', '.join(EXPORT_FORMS)}")
+    return EXPORT_FORMS[mapping.name](mapping)
 
 
 def use_export_mappings(model: nn.Module) -> nn.Module:
