@@ -35,12 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from sparse_detr.models.sparse_solver import run_kernel
+
 log = logging.getLogger(__name__)
 
 LIPSCHITZ = 8.0        # ||D||^2 of a 2-D grid graph is below 8
 CHECK_EVERY = 10
 MAX_ITERATIONS = 5000
 # Duality gap allowed per valid cell: ||x - x*||_2 <= sqrt(2 * tolerance * cells) before polishing.
+_NO_LABEL = 2**62
 GAP_TOLERANCE = {torch.float64: 1e-15, torch.float32: 1e-8}
 
 
@@ -65,49 +68,65 @@ def _objective(x, z, lh, lv) -> torch.Tensor:
     return 0.5 * ((x - z) ** 2).flatten(1).sum(1) + (lh * dh.abs()).flatten(1).sum(1) + (lv * dv.abs()).flatten(1).sum(1)
 
 
-def _dual_solve(z, lh, lv, tolerance):
-    """FISTA with restart on the dual; -> (x, gap [rows], iterations)."""
+def _fista_block(z, lh, lv, uh, uv, vh, vv, t):
+    """CHECK_EVERY accelerated projected gradient steps on the dual; -> the new (uh, uv, vh, vv, t)."""
+    for _ in range(CHECK_EVERY):
+        dh, dv = _diff(z - _diff_adjoint(vh, vv))
+        nh = torch.minimum(torch.maximum(vh + dh / LIPSCHITZ, -lh), lh)
+        nv = torch.minimum(torch.maximum(vv + dv / LIPSCHITZ, -lv), lv)
+        # restart the momentum of rows whose step goes against it (O'Donoghue & Candes 2015)
+        against = (((vh - nh) * (nh - uh)).flatten(1).sum(1) + ((vv - nv) * (nv - uv)).flatten(1).sum(1)).view(-1, 1, 1)
+        t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+        beta = torch.where(against > 0, torch.zeros_like(t), (t - 1) / t_next)
+        t = torch.where(against > 0, torch.ones_like(t), t_next)
+        vh, vv = nh + beta * (nh - uh), nv + beta * (nv - uv)
+        uh, uv = nh, nv
+    return uh, uv, vh, vv, t
+
+
+def _dual_solve(z, lh, lv, tolerance, compiled: bool):
+    """FISTA with restart on the dual, blocks of CHECK_EVERY steps compiled like the sparse
+    solvers (`sparse_solver.run_kernel`); -> (x, gap [rows], iterations)."""
     uh, uv = torch.zeros_like(lh), torch.zeros_like(lv)
-    vh, vv = uh, uv
-    t = torch.ones(z.shape[0], 1, 1, dtype=z.dtype, device=z.device)
+    state = (uh, uv, uh.clone(), uv.clone(), torch.ones(z.shape[0], 1, 1, dtype=z.dtype, device=z.device))
     iterations = 0
     while True:
-        for _ in range(CHECK_EVERY):
-            dh, dv = _diff(z - _diff_adjoint(vh, vv))
-            nh = torch.minimum(torch.maximum(vh + dh / LIPSCHITZ, -lh), lh)
-            nv = torch.minimum(torch.maximum(vv + dv / LIPSCHITZ, -lv), lv)
-            # restart the momentum of rows whose step goes against it (O'Donoghue & Candes 2015)
-            against = ((vh - nh) * (nh - uh)).flatten(1).sum(1) + ((vv - nv) * (nv - uv)).flatten(1).sum(1)
-            t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-            beta = torch.where(against.view(-1, 1, 1) > 0, torch.zeros_like(t), (t - 1) / t_next)
-            t = torch.where(against.view(-1, 1, 1) > 0, torch.ones_like(t), t_next)
-            vh, vv = nh + beta * (nh - uh), nv + beta * (nv - uv)
-            uh, uv = nh, nv
+        state = run_kernel(_fista_block, z, lh, lv, *state, compiled=compiled)
         iterations += CHECK_EVERY
+        uh, uv = state[0], state[1]
         x = z - _diff_adjoint(uh, uv)
         gap = _gap(x, lh, lv, uh, uv)
         if bool((gap <= tolerance).all()) or iterations >= MAX_ITERATIONS:
             return x, gap, iterations
 
 
-def _components(connect_h: torch.Tensor, connect_v: torch.Tensor, shape) -> torch.Tensor:
-    """Labels [rows, H * W] of the 4-connected components of the grid graph whose edges are the
-    True entries of connect_h [rows, H, W-1] and connect_v [rows, H-1, W]: each cell gets the
-    smallest flat index in its component."""
-    rows, height, width = shape
-    big = height * width
-    labels = torch.arange(big, device=connect_h.device).expand(rows, big).reshape(rows, height, width).clone()
-    while True:
-        old = labels
+def _propagate(labels: torch.Tensor, connect_h: torch.Tensor, connect_v: torch.Tensor) -> torch.Tensor:
+    """A few rounds of: each cell takes the smallest label among itself and its connected
+    neighbours, then the label of that label (pointer jumping). labels [rows, H, W]."""
+    rows, height, width = labels.shape
+    big = _NO_LABEL  # a constant, not H * W: a size-dependent fill would make the kernel recompile
+    for _ in range(4):
         right = F.pad(torch.where(connect_h, labels[:, :, 1:], big), (0, 1), value=big)
         left = F.pad(torch.where(connect_h, labels[:, :, :-1], big), (1, 0), value=big)
         down = F.pad(torch.where(connect_v, labels[:, 1:, :], big), (0, 0, 0, 1), value=big)
         up = F.pad(torch.where(connect_v, labels[:, :-1, :], big), (0, 0, 1, 0), value=big)
         labels = torch.minimum(torch.minimum(torch.minimum(labels, right), torch.minimum(left, down)), up)
-        flat = labels.reshape(rows, big)
-        labels = flat.gather(1, flat).reshape(rows, height, width)  # jump to the label's label
-        if torch.equal(labels, old):
-            return labels.reshape(rows, big)
+        flat = labels.reshape(rows, height * width)
+        labels = flat.gather(1, flat).reshape(rows, height, width)
+    return labels
+
+
+def _components(connect_h: torch.Tensor, connect_v: torch.Tensor, shape, compiled: bool) -> torch.Tensor:
+    """Labels [rows, H * W] of the 4-connected components of the grid graph whose edges are the
+    True entries of connect_h [rows, H, W-1] and connect_v [rows, H-1, W]: each cell gets the
+    smallest flat index in its component."""
+    rows, height, width = shape
+    labels = torch.arange(height * width, device=connect_h.device).repeat(rows, 1).reshape(rows, height, width)
+    while True:
+        new = run_kernel(_propagate, labels, connect_h, connect_v, compiled=compiled)
+        if torch.equal(new, labels):
+            return new.reshape(rows, height * width)
+        labels = new
 
 
 def _group_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -127,9 +146,9 @@ def _boundary_signs(x: torch.Tensor, lh: torch.Tensor, lv: torch.Tensor, labels_
     return _diff_adjoint(sh, sv)  # c_i = sum_j sign(x_i - x_j) = (D^T s)_i
 
 
-def tv_prox_grid(z: torch.Tensor, lam: torch.Tensor, valid: torch.Tensor):
+def tv_prox_grid(z: torch.Tensor, lam: torch.Tensor, valid: torch.Tensor, compiled: bool = False):
     """z [rows, H, W] (finite), lam [rows, 1, 1] >= 0, valid [rows, H, W] -> (x, labels [rows, H * W],
-    c [rows, H, W]); see the module docstring."""
+    c [rows, H, W]); see the module docstring. compiled: the dual steps through torch.compile."""
     rows, height, width = z.shape
     lh = lam * (valid[:, :, 1:] & valid[:, :, :-1]).to(z.dtype)
     lv = lam * (valid[:, 1:, :] & valid[:, :-1, :]).to(z.dtype)
@@ -137,7 +156,7 @@ def tv_prox_grid(z: torch.Tensor, lam: torch.Tensor, valid: torch.Tensor):
     penalty = lh.flatten(1).sum(1) + lv.flatten(1).sum(1)  # lambda x number of penalised edges
     rounding = 4 * torch.finfo(z.dtype).eps * penalty * z.abs().flatten(1).amax(1)
     tolerance = torch.maximum(GAP_TOLERANCE.get(z.dtype, GAP_TOLERANCE[torch.float32]) * cells.clamp(min=1), rounding)
-    x, gap, iterations = _dual_solve(z, lh, lv, tolerance)
+    x, gap, iterations = _dual_solve(z, lh, lv, tolerance, compiled)
     if not bool((gap <= tolerance).all()):
         worst = int((gap / tolerance).argmax())
         log.warning("TVMax: the TV prox stopped at its cap of %d iterations with %d of %d rows uncertified "
@@ -146,7 +165,7 @@ def tv_prox_grid(z: torch.Tensor, lam: torch.Tensor, valid: torch.Tensor):
     # group neighbours that the certificate cannot tell apart, then solve exactly on the groups
     reach = 2 * torch.sqrt(2 * gap.clamp(min=0)).view(-1, 1, 1) + 4 * torch.finfo(z.dtype).eps * z.abs().amax((1, 2), keepdim=True)
     dh, dv = _diff(x)
-    labels = _components((lh > 0) & (dh.abs() <= reach), (lv > 0) & (dv.abs() <= reach), z.shape)
+    labels = _components((lh > 0) & (dh.abs() <= reach), (lv > 0) & (dv.abs() <= reach), z.shape, compiled)
     labels_grid = labels.view(rows, height, width)
     c = _boundary_signs(x, lh, lv, labels_grid)
     polished = _group_mean((z - lam * c).flatten(1), labels).view_as(z)
@@ -161,8 +180,8 @@ class TVProxFunction(torch.autograd.Function):
     """z [rows, H, W], lam [rows, 1, 1], valid [rows, H, W] -> prox [rows, H, W]; gradients for z and lam."""
 
     @staticmethod
-    def forward(ctx, z, lam, valid):
-        x, labels, c = tv_prox_grid(z.detach(), lam.detach(), valid)
+    def forward(ctx, z, lam, valid, compiled: bool):
+        x, labels, c = tv_prox_grid(z.detach(), lam.detach(), valid, compiled)
         ctx.save_for_backward(labels, c)
         return x
 
@@ -172,4 +191,4 @@ class TVProxFunction(torch.autograd.Function):
         labels, c = ctx.saved_tensors
         dz = _group_mean(g.reshape(labels.shape), labels).view_as(g)
         dlam = -(c * dz).flatten(1).sum(1).view(-1, 1, 1) if ctx.needs_input_grad[1] else None
-        return dz, dlam, None
+        return dz, dlam, None, None

@@ -3,6 +3,7 @@ and where the config allows it."""
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 
 import pytest
@@ -119,6 +120,19 @@ def test_fixed_lambda_gradcheck_and_gradient_averaged_over_groups():
     assert torch.autograd.gradcheck(lambda x: m(x, key_grid=(4, 5)), (x,))
 
 
+def test_half_precision_computes_in_float32():
+    m = attention_mapping("tvmax", tv_lambda=0.3, impl="eager")
+    scores = torch.randn(2, 2, 3, 30).to(torch.bfloat16)
+    p = m(scores, key_grid=(5, 6))
+    assert p.dtype == torch.bfloat16
+    assert torch.equal(p, m(scores.float(), key_grid=(5, 6)).to(torch.bfloat16))
+
+
+def test_single_cell_gets_probability_one():
+    x = torch.randn(2, 2, 4, 1, dtype=torch.float64)
+    assert torch.equal(tvmax(0.5)(x, key_grid=(1, 1)), torch.ones_like(x))
+
+
 def test_without_a_grid_it_refuses():
     with pytest.raises(ValueError, match="key grid"):
         tvmax(0.1)(torch.randn(1, 2, 3, 12, dtype=torch.float64))
@@ -138,3 +152,33 @@ def test_placement_at_decoder_self_attention_is_a_config_error_naming_the_site(c
     validate(compose("attention=tvmax", "placement=cross"))
     with pytest.raises(ConfigError, match="attention.tv_lambda"):
         validate(compose("attention=tvmax", "placement=cross", "attention.tv_lambda=0"))
+
+
+@pytest.mark.parametrize("placement", ["cross", "encoder"])
+def test_smoke_model_trains_with_tvmax_and_its_loss_falls(compose, placement):
+    """AdamW steps on one fixed batch of two images of different sizes (so keys are padded)."""
+    from sparse_detr import build_model
+    from sparse_detr.engine.optim import build_optimizer
+
+    cfg = compose("attention=tvmax", f"placement={placement}", "attention.learn_lambda=true", "optim.lr=1e-3",
+                  "attention.impl=eager")
+    validate(cfg)
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 64, 64, generator=g), torch.randn(3, 48, 32, generator=g)]
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]], dtype=torch.float32)},
+               {"labels": torch.tensor([2, 3]), "boxes": torch.tensor([[0.3, 0.6, 0.2, 0.2], [0.7, 0.3, 0.2, 0.4]])}]
+    losses = []
+    for _ in range(12):
+        parts = criterion(model(images), targets)
+        loss = sum(parts[k] * w for k, w in criterion.weight_dict.items() if k in parts)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(map(math.isfinite, losses))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    lambdas = [p for name, p in model.named_parameters() if name.endswith("log_lambda")]
+    assert len(lambdas) == 2 and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lambdas)

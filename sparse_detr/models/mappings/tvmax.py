@@ -8,7 +8,9 @@ For one query's scores z over its image's own H x W feature map,
 the sum over 4-neighbour pairs, computed as sparsemax of the 2-D TV prox of z (`tv_prox`).
 Only sites whose keys are the feature map can use it (encoder self- and decoder
 cross-attention): the mapping needs the key grid (H, W) of the padded map, and padded keys
-(-inf after masking) are neither in the simplex nor coupled by the penalty.
+(-inf after masking) are neither in the simplex nor coupled by the penalty. impl "fast" compiles
+the prox's dual steps and the sparsemax with torch.compile; "eager" and "reference" run both
+eagerly (there is no TVMax in the entmax package).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class TVMax(AttentionMapping):
         z = torch.where(valid, x, torch.zeros_like(x)).reshape(-1, height, width)
         lam = self.tv_lambda.to(x).view(1, -1, 1, 1) if self.learn_lambda else torch.tensor(self.fixed_lambda).to(x)
         lam = lam.expand(batch, heads, queries, 1).reshape(-1, 1, 1)
-        prox = TVProxFunction.apply(z, lam, valid.reshape(-1, height, width)).view_as(x)
+        prox = TVProxFunction.apply(z, lam, valid.reshape(-1, height, width), self.impl == "fast").view_as(x)
         return SPARSEMAX.rows(prox.masked_fill(~valid, float("-inf")), compiled=self.impl == "fast")
 
     def extra_repr(self):
