@@ -25,6 +25,12 @@ def with_pos(tensor: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return tensor if pos is None else tensor + pos
 
 
+def grid_kwargs(attention: nn.Module, grid: tuple[int, int] | None) -> dict:
+    """`key_grid` for our attention; none for torch.nn.MultiheadAttention, which stays a drop-in
+    replacement (the softmax model is compared with it module for module)."""
+    return {"key_grid": grid} if isinstance(attention, MultiheadAttention) else {}
+
+
 class ResidualLayer(nn.Module):
     """What encoder and decoder layers share: DETR's feed-forward block, and residual sub-layers
     normed after the sum (post-norm, DETR's default) or before the sub-layer (pre-norm)."""
@@ -65,7 +71,7 @@ class TransformerEncoderLayer(ResidualLayer):
         x = self.pre(src, self.norm1)
         q = k = with_pos(x, pos)
         attended, weights = self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                                           key_grid=grid)
+                                           **grid_kwargs(self.self_attn, grid))
         src = self.residual(src, self.dropout1(attended), self.norm1)
         return self.feedforward(src, self.norm2, self.dropout2), weights
 
@@ -93,7 +99,8 @@ class TransformerDecoderLayer(ResidualLayer):
         x = self.pre(tgt, self.norm2)
         attended, cross_weights = self.multihead_attn(
             with_pos(x, query_pos), with_pos(memory, pos), memory,
-            key_padding_mask=memory_key_padding_mask, need_weights=need_weights, key_grid=grid,
+            key_padding_mask=memory_key_padding_mask, need_weights=need_weights,
+            **grid_kwargs(self.multihead_attn, grid),
         )
         tgt = self.residual(tgt, self.dropout2(attended), self.norm2)
         return self.feedforward(tgt, self.norm3, self.dropout3), self_weights, cross_weights
