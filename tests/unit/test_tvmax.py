@@ -177,7 +177,7 @@ def test_smoke_model_trains_with_tvmax_and_its_loss_falls(compose, placement):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert all(map(math.isfinite, losses))
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     lambdas = [p for name, p in model.named_parameters() if name.endswith("log_lambda")]
