@@ -1,4 +1,4 @@
-"""DETR with pluggable sparse attention (softmax, sparsemax, entmax-1.5, alpha-entmax) at any site."""
+"""DETR with pluggable sparse attention (softmax, sparsemax, entmax-1.5, alpha-entmax, TVMax) at any site."""
 from sparse_detr.config import load_config, validate
 
 __all__ = ["load_config", "validate", "build_model", "attention_mapping"]

@@ -20,12 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.data.config import DataConfig
 from sparse_detr.errors import EXIT_USER_ERROR, ConfigError, UserError, one_line
-from sparse_detr.sites import SITES
+from sparse_detr.sites import SITE_BY_NAME, SITES
 from sparse_detr.tracking import LoggerConfig
 
 # The mapping names of conf/attention/*.yaml, in the order messages list them; the registry
 # `sparse_detr.models.mappings.MAPPINGS` has exactly these keys (a test holds the three equal).
-MAPPING_NAMES = ("softmax", "sparsemax", "entmax15", "alpha_entmax")
+MAPPING_NAMES = ("softmax", "sparsemax", "entmax15", "alpha_entmax", "tvmax")
+# Mappings over the image grid: valid only at sites whose keys are the feature map (the registry's
+# kinds with `needs_grid`; the same test holds them equal).
+GRID_MAPPINGS = ("tvmax",)
 MAPPING_IMPLS = ("fast", "eager", "reference")
 ALPHA_FLOOR = 1.01  # learned alpha lives in (ALPHA_FLOOR, 2]: entmax_bisect breaks at alpha = 1
 BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
@@ -99,6 +102,8 @@ class AttentionConfig:
     name: str = "softmax"
     alpha: float = 1.5                # alpha_entmax: fixed alpha, or the initial one when learned
     learn_alpha: bool = False         # alpha_entmax: one learned alpha per head and layer
+    tv_lambda: float = 0.1            # tvmax: weight of the total variation (initial value when learned)
+    learn_lambda: bool = False        # tvmax: one learned lambda per head and layer
     impl: str = "fast"                # fast | eager | reference (the entmax package)
 
     def __post_init__(self):
@@ -108,6 +113,7 @@ class AttentionConfig:
         if self.learn_alpha:  # a learned alpha is a sigmoid into (ALPHA_FLOOR, 2): it never reaches its ends
             check_range("attention.alpha (learned, initial)", self.alpha, low=ALPHA_FLOOR, high=2.0,
                         low_open=True, high_open=True)
+        check_range("attention.tv_lambda", self.tv_lambda, low=0.0, low_open=True)
 
 
 @dataclass
@@ -121,6 +127,10 @@ class PlacementConfig:
     def __post_init__(self):
         for site in SITES:
             check_choice(f"placement.{site}", getattr(self, site), MAPPING_NAMES)
+            if getattr(self, site) in GRID_MAPPINGS and not SITE_BY_NAME[site].grid_keys:
+                grid_sites = [s for s in SITES if SITE_BY_NAME[s].grid_keys]
+                raise ConfigError(f"placement.{site}={getattr(self, site)!r}: the {SITE_BY_NAME[site].title} has no "
+                                  f"image grid for its keys; {getattr(self, site)} is valid at: {', '.join(grid_sites)}")
 
 
 @dataclass

@@ -44,8 +44,9 @@ PLACEMENT_OF_SITES = {
     frozenset({"decoder", "cross"}): "decoder_all",
     frozenset(SITES): "all",
 }
-# config keys that matter only when some site uses the mapping that reads them
-MAPPING_PARAMETERS = {"attention.alpha": "alpha_entmax", "attention.learn_alpha": "alpha_entmax"}
+# `attention.*` keys that only one mapping reads: they name a run only when that mapping runs somewhere
+MAPPING_PARAMETERS = {"attention.alpha": "alpha_entmax", "attention.learn_alpha": "alpha_entmax",
+                      "attention.tv_lambda": "tvmax", "attention.learn_lambda": "tvmax"}
 # said by the `<attention>-<placement>` head itself
 HEAD_KEYS = ("attention", "attention.name", "placement")
 # where a run logs or runs, never what it trains

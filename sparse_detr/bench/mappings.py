@@ -34,6 +34,7 @@ from sparse_detr.bench.training_step import training_step
 from sparse_detr.models.mappings import attention_mapping
 
 SHAPES = {"encoder": (850, 850), "cross": (100, 850), "decoder-self": (100, 100)}
+GRID = (25, 34)  # the feature map of the 850 keys, for the mappings over the image grid
 BATCH, HEADS, HEAD_DIM = 2, 8, 32
 
 
@@ -144,6 +145,21 @@ def mapping_section(args, device: torch.device) -> str:
     return _table("Mapping forward+backward, float32", results, device)
 
 
+def grid_section(args, device: torch.device) -> str:
+    """The grid mappings (TVMax, attention.tv_lambda 0.1) where the keys are a 25 x 34 map."""
+    results = {}
+    candidates = {"softmax": attention_mapping("softmax"), "tvmax (fast, lambda 0.1)": attention_mapping("tvmax")}
+    for shape, (queries, keys) in SHAPES.items():
+        if keys != GRID[0] * GRID[1]:
+            continue
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, HEADS, queries, keys, generator=gen).to(device).requires_grad_()
+        grad = torch.randn(BATCH, HEADS, queries, keys, generator=gen).to(device)
+        steps = {name: ((lambda m=module.to(device): ([x], m(x, key_grid=GRID))), grad) for name, module in candidates.items()}
+        results[f"{queries}x{keys} ({GRID[0]}x{GRID[1]} grid)"] = _measure(steps, args.repeats, device)
+    return _table("Grid mappings forward+backward, float32", results, device)
+
+
 def attention_section(args, device: torch.device) -> str:
     """The attention block: softmax(Q K^T / sqrt(d)) V with key padding, forward + backward.
 
@@ -196,7 +212,7 @@ def training_section(args, device: torch.device) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = [mapping_section, attention_section, training_section]
+SECTIONS = [mapping_section, grid_section, attention_section, training_section]
 
 
 def main(argv: list[str] | None = None) -> None:

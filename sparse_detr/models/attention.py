@@ -47,8 +47,10 @@ class MultiheadAttention(nn.Module):
         value: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        key_grid: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """query [L, B, E], key/value [S, B, E], key_padding_mask [B, S] (True = padding).
+        """query [L, B, E], key/value [S, B, E], key_padding_mask [B, S] (True = padding);
+        key_grid (H, W) when the S keys are a feature map flattened row-major (H * W = S).
 
         Returns the output [L, B, E] and, with need_weights, the per-head weights [B, heads, L, S]
         (before dropout; never averaged over heads).
@@ -58,7 +60,7 @@ class MultiheadAttention(nn.Module):
         q = self._split_heads(F.linear(query, w_q, b_q)) * (1.0 / math.sqrt(self.head_dim))
         k = self._split_heads(F.linear(key, w_k, b_k))
         v = self._split_heads(F.linear(value, w_v, b_v))
-        weights = self.mapping(q @ k.transpose(-2, -1), key_padding_mask=key_padding_mask)
+        weights = self.mapping(q @ k.transpose(-2, -1), key_padding_mask=key_padding_mask, key_grid=key_grid)
         dropped = F.dropout(weights, p=self.dropout, training=self.training)
         out = (dropped @ v).permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.embed_dim)
         return self.out_proj(out), (weights if need_weights else None)

@@ -222,7 +222,7 @@ def compile_enabled() -> bool:
     return not _COMPILE_FAILED and os.environ.get("SPARSE_DETR_COMPILE", "1") != "0"
 
 
-def _run(fn, *args, compiled: bool):
+def run_kernel(fn, *args, compiled: bool):
     """fn(*args), or a process-wide torch.compile(fn, dynamic=True) built on first use.
 
     dynamic=True and no duck sizing (equal sizes are not assumed to stay equal, e.g. 850 queries
@@ -277,7 +277,7 @@ class ThresholdSolver:
         uncertified rows only, and the exact fallback takes whatever is left after RETRIES."""
         steps = self.steps if steps is None else steps
         x, alpha = x.detach(), None if alpha is None else alpha.detach()  # one kernel whatever requires grad
-        p, ok, tau = _run(self.kernel, x, alpha, x.new_full((x.shape[0], 1), -1.0), steps, compiled=compiled)
+        p, ok, tau = run_kernel(self.kernel, x, alpha, x.new_full((x.shape[0], 1), -1.0), steps, compiled=compiled)
         if ok.all():
             return p
         todo = (~ok).squeeze(-1).nonzero().squeeze(-1)
@@ -288,7 +288,7 @@ class ThresholdSolver:
             if todo.numel() == 1:  # a size-1 dim would make dynamo specialise, i.e. recompile
                 todo, tau = todo.repeat(2), tau.repeat(2, 1)
             a = None if alpha is None else alpha[todo]
-            p_todo, ok, tau = _run(self.kernel, x[todo], a, tau, steps, compiled=compiled)
+            p_todo, ok, tau = run_kernel(self.kernel, x[todo], a, tau, steps, compiled=compiled)
             p[todo] = p_todo
             keep = (~ok).squeeze(-1)
             todo, tau = todo[keep], tau[keep]
@@ -316,14 +316,14 @@ class SparsemaxSolver(_SortSolver):
     steps, alpha, kernel = 3, 2.0, staticmethod(_sparsemax_forward)
 
     def backward(self, p, g, alpha, need_alpha, compiled):
-        return _run(_sparsemax_backward, p, g, compiled=compiled), None
+        return run_kernel(_sparsemax_backward, p, g, compiled=compiled), None
 
 
 class Entmax15Solver(_SortSolver):
     steps, alpha, kernel = 3, 1.5, staticmethod(_entmax15_forward)
 
     def backward(self, p, g, alpha, need_alpha, compiled):
-        return _run(_entmax15_backward, p, g, compiled=compiled), None
+        return run_kernel(_entmax15_backward, p, g, compiled=compiled), None
 
 
 class AlphaEntmaxSolver(ThresholdSolver):
@@ -342,8 +342,8 @@ class AlphaEntmaxSolver(ThresholdSolver):
         return p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
 
     def backward(self, p, g, alpha, need_alpha, compiled):
-        w, r, da = _run(_alpha_backward_sums, p, g, alpha, need_alpha, compiled=compiled)
-        return _run(_alpha_backward_dx, w, g, r, compiled=compiled), da
+        w, r, da = run_kernel(_alpha_backward_sums, p, g, alpha, need_alpha, compiled=compiled)
+        return run_kernel(_alpha_backward_dx, w, g, r, compiled=compiled), da
 
 
 class EntmaxFunction(torch.autograd.Function):

@@ -25,6 +25,12 @@ def with_pos(tensor: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return tensor if pos is None else tensor + pos
 
 
+def grid_kwargs(attention: nn.Module, grid: tuple[int, int] | None) -> dict:
+    """`key_grid` for our attention; none for torch.nn.MultiheadAttention, which stays a drop-in
+    replacement (the softmax model is compared with it module for module)."""
+    return {"key_grid": grid} if isinstance(attention, MultiheadAttention) else {}
+
+
 class ResidualLayer(nn.Module):
     """What encoder and decoder layers share: DETR's feed-forward block, and residual sub-layers
     normed after the sum (post-norm, DETR's default) or before the sub-layer (pre-norm)."""
@@ -59,11 +65,13 @@ class TransformerEncoderLayer(ResidualLayer):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def forward(self, src, key_padding_mask, pos, need_weights=False):
-        """src, pos [HW, B, C]; key_padding_mask [B, HW] -> ([HW, B, C], weights [B, heads, HW, HW] | None)."""
+    def forward(self, src, key_padding_mask, pos, need_weights=False, grid=None):
+        """src, pos [HW, B, C]; key_padding_mask [B, HW]; grid (H, W) ->
+        ([HW, B, C], weights [B, heads, HW, HW] | None)."""
         x = self.pre(src, self.norm1)
         q = k = with_pos(x, pos)
-        attended, weights = self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=need_weights)
+        attended, weights = self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                           **grid_kwargs(self.self_attn, grid))
         src = self.residual(src, self.dropout1(attended), self.norm1)
         return self.feedforward(src, self.norm2, self.dropout2), weights
 
@@ -81,8 +89,9 @@ class TransformerDecoderLayer(ResidualLayer):
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
 
-    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, need_weights=False):
-        """tgt, query_pos [Q, B, C]; memory, pos [HW, B, C] -> ([Q, B, C], self weights, cross weights)."""
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, need_weights=False, grid=None):
+        """tgt, query_pos [Q, B, C]; memory, pos [HW, B, C]; grid (H, W) of memory ->
+        ([Q, B, C], self weights, cross weights)."""
         x = self.pre(tgt, self.norm1)
         q = k = with_pos(x, query_pos)
         attended, self_weights = self.self_attn(q, k, x, need_weights=need_weights)
@@ -91,6 +100,7 @@ class TransformerDecoderLayer(ResidualLayer):
         attended, cross_weights = self.multihead_attn(
             with_pos(x, query_pos), with_pos(memory, pos), memory,
             key_padding_mask=memory_key_padding_mask, need_weights=need_weights,
+            **grid_kwargs(self.multihead_attn, grid),
         )
         tgt = self.residual(tgt, self.dropout2(attended), self.norm2)
         return self.feedforward(tgt, self.norm3, self.dropout3), self_weights, cross_weights
@@ -102,10 +112,10 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
 
-    def forward(self, src, key_padding_mask, pos, need_weights=False):
+    def forward(self, src, key_padding_mask, pos, need_weights=False, grid=None):
         weights = []
         for layer in self.layers:
-            src, layer_weights = layer(src, key_padding_mask, pos, need_weights)
+            src, layer_weights = layer(src, key_padding_mask, pos, need_weights, grid)
             weights.append(layer_weights)
         if self.norm is not None:
             src = self.norm(src)
@@ -118,11 +128,12 @@ class TransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
 
-    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, need_weights=False):
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, need_weights=False, grid=None):
         """-> (every layer's normed output [layers, Q, B, C], self weights, cross weights)."""
         intermediate, self_weights, cross_weights = [], [], []
         for layer in self.layers:
-            tgt, layer_self, layer_cross = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, need_weights)
+            tgt, layer_self, layer_cross = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, need_weights,
+                                                 grid)
             intermediate.append(self.norm(tgt))
             self_weights.append(layer_self)
             cross_weights.append(layer_cross)
@@ -173,9 +184,10 @@ class Transformer(nn.Module):
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
         query_pos = query_embed.unsqueeze(1).repeat(1, batch, 1)
         mask = mask.flatten(1)
-        memory, encoder_weights = self.encoder(src, mask, pos_embed, need_weights)
+        grid = (height, width)  # the keys of the encoder and of the cross-attention
+        memory, encoder_weights = self.encoder(src, mask, pos_embed, need_weights, grid)
         hs, decoder_weights, cross_weights = self.decoder(
-            torch.zeros_like(query_pos), memory, mask, pos_embed, query_pos, need_weights
+            torch.zeros_like(query_pos), memory, mask, pos_embed, query_pos, need_weights, grid
         )
         attention = {"encoder": encoder_weights, "decoder": decoder_weights, "cross": cross_weights}
         return hs.transpose(1, 2), memory.permute(1, 2, 0).view(batch, channels, height, width), attention

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparse_detr import build_model
-from sparse_detr.config import MAPPING_NAMES, config_dir
+from sparse_detr.config import GRID_MAPPINGS, MAPPING_NAMES, config_dir
 from sparse_detr.engine.optim import build_optimizer
 from sparse_detr.models.mappings import MAPPINGS, AttentionMapping, attention_mapping, config_value, register_mapping
 from sparse_detr.sites import SITES
@@ -15,6 +15,7 @@ def test_registry_keys_are_the_config_mapping_names():
     yaml_names = {path.stem for path in (config_dir() / "attention").glob("*.yaml")}
     assert tuple(MAPPINGS) == MAPPING_NAMES
     assert set(MAPPINGS) == yaml_names
+    assert {name for name, kind in MAPPINGS.items() if kind.needs_grid} == set(GRID_MAPPINGS)
 
 
 class TemperatureSoftmax(AttentionMapping):

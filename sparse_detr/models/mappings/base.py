@@ -62,6 +62,7 @@ class AttentionMapping(nn.Module):
     them 0; fully padded rows are computed as if unpadded and zeroed afterwards, so neither the
     output nor the gradient of such a row can be NaN."""
     name: str  # the config name; registered by @register_mapping
+    needs_grid = False  # True: `_map(x, grid)` needs the key grid, so only sites whose keys are the feature map
 
     @classmethod
     def from_config(cls, attention_cfg: Any, num_heads: int | None) -> AttentionMapping:
@@ -69,16 +70,23 @@ class AttentionMapping(nn.Module):
         them here. num_heads: the attention module's heads, for per-head parameters."""
         return cls()
 
-    def forward(self, scores: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """scores [batch, heads, queries, keys]; key_padding_mask [batch, keys], True = padded."""
+    def forward(self, scores: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                key_grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """scores [batch, heads, queries, keys]; key_padding_mask [batch, keys], True = padded;
+        key_grid (H, W) with H * W = keys when the keys are a feature map (row-major)."""
+        if self.needs_grid and key_grid is None:
+            raise ValueError(f"the {self.name} mapping needs the key grid: use it only where the keys are the feature map")
         x = scores.float() if scores.dtype in _HALF else scores
         with torch.autocast(x.device.type, enabled=False):  # float32 stays float32 inside
             if key_padding_mask is None:
-                return self._map(x).to(scores.dtype)
+                return self._call_map(x, key_grid).to(scores.dtype)
             padded = key_padding_mask[:, None, None, :]
             empty = padded.all(-1, keepdim=True)
-            p = self._map(x.masked_fill(padded & ~empty, float("-inf")))
+            p = self._call_map(x.masked_fill(padded & ~empty, float("-inf")), key_grid)
             return p.masked_fill(empty, 0.0).to(scores.dtype)
+
+    def _call_map(self, x, key_grid):
+        return self._map(x, key_grid) if self.needs_grid else self._map(x)
 
     def _map(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

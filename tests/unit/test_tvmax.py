@@ -1,0 +1,184 @@
+"""TVMax: against a direct solve of the constrained problem, known answers, gradients, masking,
+and where the config allows it."""
+from __future__ import annotations
+
+import itertools
+import math
+import logging
+
+import pytest
+import torch
+
+from sparse_detr.config import ConfigError, validate
+from sparse_detr.models import tv_prox
+from sparse_detr.models.mappings import attention_mapping
+
+cp = pytest.importorskip("cvxpy")
+
+
+def tvmax(tv_lambda, learn=False, heads=2):
+    return attention_mapping("tvmax", tv_lambda=tv_lambda, learn_lambda=learn, num_heads=heads, impl="eager").double()
+
+
+def direct_solve(z: torch.Tensor, height: int, width: int, lam: float, valid: torch.Tensor) -> torch.Tensor:
+    """argmin over the simplex of the valid cells of 1/2 ||p - z||^2 + lam * sum |p_i - p_j| over
+    4-neighbour pairs of valid cells, by cvxpy (an interior-point solver); padded cells get 0."""
+    valid = valid.numpy()
+    cells = [i for i in range(height * width) if valid[i]]
+    p = cp.Variable(len(cells))
+    where = {cell: k for k, cell in enumerate(cells)}
+    pairs = [(where[i], where[j]) for i in cells for j in (i + 1, i + width)
+             if j in where and (j == i + width or j % width)]
+    objective = 0.5 * cp.sum_squares(p - z.numpy()[cells])
+    if pairs:
+        first, second = zip(*pairs)
+        objective = objective + lam * cp.sum(cp.abs(p[list(first)] - p[list(second)]))
+    cp.Problem(cp.Minimize(objective), [p >= 0, cp.sum(p) == 1]).solve(
+        solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    out = torch.zeros(height * width, dtype=torch.float64)
+    out[cells] = torch.as_tensor(p.value)
+    return out
+
+
+def padded_scores(height, width, scale, seed, ties=False):
+    """[2, 2 heads, 2 queries, H * W] scores and a key mask: image 0 whole, image 1 on its top-left
+    (H - 1) x (W - 2) cells (padding at the bottom and right, as batches are padded)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, 2, height * width, generator=g, dtype=torch.float64) * scale
+    if ties:
+        x = torch.round(x * 2 / scale) / 2 * scale
+    mask = torch.ones(2, height, width, dtype=torch.bool)
+    mask[0] = False
+    mask[1, : height - 1, : width - 2] = False
+    return x, mask.flatten(1)
+
+
+@pytest.mark.parametrize("height,width", [(3, 4), (5, 7), (6, 6)])
+@pytest.mark.parametrize("lam", [0.02, 0.3, 3.0])
+def test_matches_direct_solve_of_the_constrained_problem(height, width, lam):
+    for scale, ties in [(0.1, False), (1.0, True), (10.0, False)]:
+        x, mask = padded_scores(height, width, scale, seed=height * width, ties=ties)
+        p = tvmax(lam)(x, key_padding_mask=mask, key_grid=(height, width))
+        for b, h, q in itertools.product(range(2), range(2), range(2)):
+            expected = direct_solve(x[b, h, q], height, width, lam, ~mask[b])
+            assert (p[b, h, q] - expected).abs().max() <= 1e-5, (scale, ties, b, h, q)
+
+
+def test_lambda_zero_is_sparsemax_exactly():
+    x, mask = padded_scores(5, 7, 1.0, seed=1, ties=True)
+    expected = attention_mapping("sparsemax", impl="eager").double()(x, key_padding_mask=mask)
+    assert torch.equal(tvmax(0.0)(x, key_padding_mask=mask, key_grid=(5, 7)), expected)
+
+
+def test_huge_lambda_is_uniform_over_the_valid_cells():
+    x, mask = padded_scores(4, 6, 1.0, seed=2)
+    p = tvmax(1e4)(x, key_padding_mask=mask, key_grid=(4, 6))
+    valid = (~mask).double()[:, None, None, :]
+    torch.testing.assert_close(p, (valid / valid.sum(-1, keepdim=True)).expand_as(p), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+def test_a_distribution_invariant_to_a_constant_shift(scale):
+    x, mask = padded_scores(5, 7, scale, seed=3)
+    m = tvmax(0.3)
+    p = m(x, key_padding_mask=mask, key_grid=(5, 7))
+    assert (p >= 0).all() and torch.equal(p[1].masked_select(mask[1][None, None]), torch.zeros(2 * 2 * mask[1].sum().item(), dtype=p.dtype))
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 2, 2, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(m(x + 3.7, key_padding_mask=mask, key_grid=(5, 7)), p, atol=1e-9, rtol=0)
+
+
+def test_padded_batch_equals_each_image_alone():
+    x, mask = padded_scores(5, 7, 1.0, seed=4)
+    m = tvmax(0.3)
+    p = m(x, key_padding_mask=mask, key_grid=(5, 7))
+    alone = x[1].reshape(2, 2, 5, 7)[..., :4, :5].reshape(1, 2, 2, 20)
+    expected = m(alone, key_grid=(4, 5)).reshape(2, 2, 4, 5)
+    torch.testing.assert_close(p[1].reshape(2, 2, 5, 7)[..., :4, :5], expected, atol=1e-9, rtol=0)
+    torch.testing.assert_close(p[0:1], m(x[0:1], key_grid=(5, 7)), atol=1e-9, rtol=0)
+
+
+def test_gradcheck_scores_and_learned_lambda():
+    """float64, random scores (no ties): the prox's groups and the sparsemax support stay put
+    under gradcheck's perturbations, where the Jacobian is exact."""
+    m = tvmax(0.2, learn=True)
+    torch.manual_seed(5)
+    x = (torch.randn(2, 2, 2, 12, dtype=torch.float64)).requires_grad_()
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1, 8:] = True  # image 1: the top two rows of the 3 x 4 grid
+    log_lambda = m.log_lambda.detach().clone().requires_grad_()
+
+    def f(x, log_lambda):
+        return torch.func.functional_call(m, {"log_lambda": log_lambda}, (x,), {"key_padding_mask": mask, "key_grid": (3, 4)})
+
+    assert torch.autograd.gradcheck(f, (x, log_lambda), atol=1e-6)
+
+
+def test_fixed_lambda_gradcheck_and_gradient_averaged_over_groups():
+    m = tvmax(0.5)
+    torch.manual_seed(6)
+    x = torch.randn(1, 2, 3, 20, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: m(x, key_grid=(4, 5)), (x,))
+
+
+def test_half_precision_computes_in_float32():
+    m = attention_mapping("tvmax", tv_lambda=0.3, impl="eager")
+    scores = torch.randn(2, 2, 3, 30).to(torch.bfloat16)
+    p = m(scores, key_grid=(5, 6))
+    assert p.dtype == torch.bfloat16
+    assert torch.equal(p, m(scores.float(), key_grid=(5, 6)).to(torch.bfloat16))
+
+
+def test_single_cell_gets_probability_one():
+    x = torch.randn(2, 2, 4, 1, dtype=torch.float64)
+    assert torch.equal(tvmax(0.5)(x, key_grid=(1, 1)), torch.ones_like(x))
+
+
+def test_without_a_grid_it_refuses():
+    with pytest.raises(ValueError, match="key grid"):
+        tvmax(0.1)(torch.randn(1, 2, 3, 12, dtype=torch.float64))
+
+
+def test_iteration_cap_logs_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(tv_prox, "MAX_ITERATIONS", 10)
+    x, _ = padded_scores(6, 6, 10.0, seed=7)
+    with caplog.at_level(logging.WARNING, logger=tv_prox.__name__):
+        tvmax(3.0)(x, key_grid=(6, 6))
+    assert "cap of 10 iterations" in caplog.text
+
+
+def test_placement_at_decoder_self_attention_is_a_config_error_naming_the_site(compose):
+    with pytest.raises(ConfigError, match=r"placement.decoder='tvmax'.*decoder self-attention.*encoder, cross"):
+        validate(compose("attention=tvmax", "placement=all"))
+    validate(compose("attention=tvmax", "placement=cross"))
+    with pytest.raises(ConfigError, match="attention.tv_lambda"):
+        validate(compose("attention=tvmax", "placement=cross", "attention.tv_lambda=0"))
+
+
+@pytest.mark.parametrize("placement", ["cross", "encoder"])
+def test_smoke_model_trains_with_tvmax_and_its_loss_falls(compose, placement):
+    """AdamW steps on one fixed batch of two images of different sizes (so keys are padded)."""
+    from sparse_detr import build_model
+    from sparse_detr.engine.optim import build_optimizer
+
+    cfg = compose("attention=tvmax", f"placement={placement}", "attention.learn_lambda=true", "optim.lr=1e-3",
+                  "attention.impl=eager")
+    validate(cfg)
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 64, 64, generator=g), torch.randn(3, 48, 32, generator=g)]
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]], dtype=torch.float32)},
+               {"labels": torch.tensor([2, 3]), "boxes": torch.tensor([[0.3, 0.6, 0.2, 0.2], [0.7, 0.3, 0.2, 0.4]])}]
+    losses = []
+    for _ in range(12):
+        parts = criterion(model(images), targets)
+        loss = sum(parts[k] * w for k, w in criterion.weight_dict.items() if k in parts)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(map(math.isfinite, losses))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    lambdas = [p for name, p in model.named_parameters() if name.endswith("log_lambda")]
+    assert len(lambdas) == 2 and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lambdas)
