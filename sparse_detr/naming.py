@@ -45,7 +45,8 @@ PLACEMENT_OF_SITES = {
     frozenset(SITES): "all",
 }
 # config keys that matter only when some site uses the mapping that reads them
-MAPPING_PARAMETERS = {"attention.alpha": "alpha_entmax", "attention.learn_alpha": "alpha_entmax"}
+MAPPING_PARAMETERS = {key: "alpha_entmax" for key in ("attention.alpha", "attention.learn_alpha",
+                                                     "attention.alpha_init", "attention.alpha_param")}
 # said by the `<attention>-<placement>` head itself
 HEAD_KEYS = ("attention", "attention.name", "placement")
 # where a run logs or runs, never what it trains

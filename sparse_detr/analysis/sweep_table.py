@@ -30,6 +30,8 @@ def variant_of(config: dict, extra_keys: Sequence[str] = ()) -> dict[str, str]:
     attention, placement = attention_and_placement(config)
     if attention == "alpha_entmax":
         alpha = select(config, "attention.alpha")
+        if select(config, "attention.alpha_init") == "random":
+            alpha = "random"
         attention += f" (learned, init {alpha})" if select(config, "attention.learn_alpha") else f" ({alpha})"
     return {"attention": attention, "placement": placement, "backbone": str(select(config, "backbone.name", "?")),
             "data": str(select(config, "data.name", "?")), **{key: str(select(config, key)) for key in extra_keys}}
