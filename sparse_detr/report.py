@@ -88,8 +88,8 @@ def report(cfg: DictConfig) -> Path:
     """Validate, collect every run folder, write the table, the CSVs and the figures; returns the folder."""
     args: ReportConfig = validate(cfg)
     from sparse_detr.analysis.run_folders import find_run_folders, read_metrics_log
-    from sparse_detr.analysis.sweep_table import (TIME_COLUMN, VARIANT_COLUMNS, aggregate, run_record,
-                                                  sparsity_columns)
+    from sparse_detr.analysis.sweep_table import (CODE_COLUMN, TIME_COLUMN, VARIANT_COLUMNS, aggregate, mixed_code,
+                                                  run_record, sparsity_columns)
     from sparse_detr.analysis.tables import markdown_table, write_csv
     from sparse_detr.tracking import SPARSITY
 
@@ -106,9 +106,9 @@ def report(cfg: DictConfig) -> Path:
         logs.append(read_metrics_log(folder, prefixes=[SPARSITY + "/", *args.curves]))
         records.append(run_record(folder, args.metrics, args.sparsity_metrics, args.variant_keys, logs[-1]))
     variants = aggregate(records, value_columns, variant_columns)
-    write_csv(out / "runs.csv", records, ["run", "seed", *variant_columns, "sparsity_from", *value_columns])
+    write_csv(out / "runs.csv", records, ["run", "seed", *variant_columns, "sparsity_from", *value_columns, CODE_COLUMN])
     write_csv(out / "report.csv", variants,
-              [*variant_columns, "runs", "seeds", *(c for v in value_columns for c in (v, f"{v}_std"))])
+              [*variant_columns, "runs", "seeds", *(c for v in value_columns for c in (v, f"{v}_std")), CODE_COLUMN])
     figures = report_figures(args, variants, records, logs, variant_columns, out / "figures")
 
     scores = [*args.metrics, *sparsity_columns(args.sparsity_metrics)]
@@ -126,6 +126,11 @@ def report(cfg: DictConfig) -> Path:
         f"evaluation logged in metrics.jsonl for the others (no PAIBB there).", "",
         table, "",
     ]
+    flagged = mixed_code(variants, variant_columns)
+    if flagged:
+        lines += ["**Code differs within a variant.** These variants' runs were not all trained by one clean "
+                  "commit (`provenance.json` of each run; `+dirty`: uncommitted changes, `unknown`: no git "
+                  "record), so their spread is not only the seeds':", "", *flagged, ""]
     lines += [f"![{path.stem}]({path.relative_to(out)})" for path in figures if path.suffix == ".png"]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(table)

@@ -17,10 +17,30 @@ from sparse_detr.analysis.run_folders import (ANALYSIS_DIR, ANALYSIS_NAME, EVAL_
                                               read_json, read_metrics_log, run_config, select, training_time_s)
 from sparse_detr.naming import attention_and_placement
 from sparse_detr.sites import SITES
+from sparse_detr.provenance import read_provenance, run_commits
 from sparse_detr.tracking import SPARSITY
 
 VARIANT_COLUMNS = ("attention", "placement", "backbone", "data")
 TIME_COLUMN = "train_time_s"
+CODE_COLUMN = "code"   # the git commits (";"-joined, "+dirty" for uncommitted changes) that trained the runs
+
+
+def _short(state: str) -> str:
+    """A code state with the commit cut to 12 characters: `0123456789ab+dirty`."""
+    commit, dirty, _ = state.partition("+dirty")
+    return (commit if commit == "unknown" else commit[:12]) + dirty
+
+
+def mixed_code(variants: Sequence[dict], variant_columns: Sequence[str]) -> list[str]:
+    """A line per variant whose runs were not all trained by one clean commit (different commits,
+    uncommitted changes, or no git record): their numbers may differ for reasons besides the seed."""
+    lines = []
+    for row in variants:
+        states = row[CODE_COLUMN].split(";")
+        if len(states) > 1 or states[0].endswith("+dirty") or states[0] == "unknown":
+            name = " · ".join(str(row[c]) for c in variant_columns)
+            lines.append(f"- {name}: {', '.join(map(_short, states))}")
+    return lines
 
 
 def variant_of(config: dict, extra_keys: Sequence[str] = ()) -> dict[str, str]:
@@ -59,6 +79,7 @@ def run_record(run_dir: Path, coco_metrics: Sequence[str], sparsity_metrics: Seq
         site, metric = column.split("/")
         record[column] = _number(summary.get(site, {}).get(metric))
     record[TIME_COLUMN] = training_time_s(log)
+    record[CODE_COLUMN] = ";".join(sorted(run_commits(read_provenance(run_dir))))
     return record
 
 
@@ -73,7 +94,8 @@ def aggregate(records: Sequence[dict], value_columns: Sequence[str], variant_col
     for key in sorted(groups, key=lambda k: tuple(map(str, k))):
         runs = groups[key]
         row = {**dict(zip(variant_columns, key)), "runs": len(runs),
-               "seeds": ";".join(sorted(str(r["seed"]) for r in runs))}
+               "seeds": ";".join(sorted(str(r["seed"]) for r in runs)),
+               CODE_COLUMN: ";".join(sorted({c for r in runs for c in r.get(CODE_COLUMN, "unknown").split(";")}))}
         for column in value_columns:
             row[column], row[f"{column}_std"] = mean_std([r[column] for r in runs])
         rows.append(row)

@@ -23,6 +23,8 @@ from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
 from sparse_detr.metrics.sparsity import SparsityAccumulator
 from sparse_detr.models.detr import build_model
 from sparse_detr.models.detr_checkpoint import model_state_dict, read_checkpoint
+from sparse_detr.provenance import collect as collect_provenance
+from sparse_detr.provenance import record_provenance
 from sparse_detr.tracking import SPARSITY, TRAIN_EPOCH_MAIN, VAL_EPOCH, build_tracker
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,11 @@ class Trainer:
         if self.ctx.enabled:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.tracker = build_tracker(cfg.logger, self.run_dir, OmegaConf.to_container(cfg, resolve=True),
+        provenance = collect_provenance()
+        if self.ctx.is_main:
+            record_provenance(self.run_dir, provenance)
+        self.tracker = build_tracker(cfg.logger, self.run_dir,
+                                     {**OmegaConf.to_container(cfg, resolve=True), "provenance": provenance},
                                      run_id=self.tracker_run_id, rank=self.ctx.rank)
         # SLURM's warning before the time limit (or a preemption): checkpoint after the step, then requeue.
         self.preemption = PreemptionGuard(cfg.cluster.preempt_signals).install()

@@ -192,3 +192,19 @@ def test_report_cli_rejects_bad_inputs_naming_the_value(tmp_path):
             sparse_detr.report.report(load_config(overrides, config_name="report"))
     with pytest.raises(ConfigError, match="no run folders"):
         sparse_detr.report.report(load_config([f"sweep_dir={tmp_path}"], config_name="report"))
+
+
+def test_report_flags_the_variant_whose_seeds_came_from_different_commits(sweep, tmp_path):
+    from sparse_detr.provenance import record_provenance
+
+    clean = {"git_dirty": False, "python": "3.11.9", "torch": "2.14.1", "cuda": None, "host": "n1"}
+    for run_dir, commit in [("softmax/seed1", "a" * 40), ("sparsemax_none/seed2", "a" * 40),
+                            ("sparsemax_cross/seed1", "a" * 40), ("sparsemax_cross/seed2", "b" * 40)]:
+        record_provenance(sweep / run_dir, {**clean, "git_commit": commit})
+    out = sparse_detr.report.report(load_config([f"sweep_dir={sweep}", f"output_dir={tmp_path / 'report'}",
+                                                 "formats=[png]", "curves=[]"], config_name="report"))
+    variants = {v["attention"]: v for v in read_csv(out / "report.csv")}
+    assert variants["softmax"]["code"] == "a" * 40 and variants["sparsemax"]["code"] == f"{'a' * 40};{'b' * 40}"
+    text = (out / "report.md").read_text()
+    assert "Code differs within a variant" in text
+    assert f"- sparsemax · cross · resnet50 · coco: {'a' * 12}, {'b' * 12}" in text and "- softmax" not in text
