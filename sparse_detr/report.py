@@ -19,6 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from sparse_detr.analysis.tables import cell
 from sparse_detr.config import ConfigError, check_choice, check_range, config_dir, reports_config_errors, validate
 from sparse_detr.sites import SITES
 
@@ -70,13 +71,6 @@ class ReportConfig:
 ConfigStore.instance().store(name="report_schema", node=ReportConfig)
 
 
-def cell(mean: float, std: float, digits: int = 3) -> str:
-    """`mean ± std`, `mean` for one run, an en dash for no value."""
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def duration(mean: float, std: float) -> str:
     for unit, seconds in (("h", 3600), ("min", 60)):
         if mean >= 2 * seconds:
@@ -90,8 +84,11 @@ def report(cfg: DictConfig) -> Path:
     from sparse_detr.analysis.run_folders import find_run_folders, read_metrics_log
     from sparse_detr.analysis.sweep_table import (CODE_COLUMN, TIME_COLUMN, VARIANT_COLUMNS, aggregate, mixed_code,
                                                   run_record, sparsity_columns)
+    from sparse_detr.analysis.report_sections import (alpha_markdown, alpha_tables, baseline_comparison,
+                                                      class_ap_columns, class_ap_markdown, class_ap_table,
+                                                      comparison_markdown)
     from sparse_detr.analysis.tables import markdown_table, write_csv
-    from sparse_detr.tracking import SPARSITY
+    from sparse_detr.tracking import ALPHA, SPARSITY
 
     sources = [path for path in [args.sweep_dir, *args.runs] if path]
     folders = find_run_folders(sources)
@@ -103,12 +100,22 @@ def report(cfg: DictConfig) -> Path:
 
     records, logs = [], []
     for folder in folders:
-        logs.append(read_metrics_log(folder, prefixes=[SPARSITY + "/", *args.curves]))
+        logs.append(read_metrics_log(folder, prefixes=[SPARSITY + "/", ALPHA + "/", *args.curves]))
         records.append(run_record(folder, args.metrics, args.sparsity_metrics, args.variant_keys, logs[-1]))
-    variants = aggregate(records, value_columns, variant_columns)
+    variants = aggregate(records, [*value_columns, *class_ap_columns(records)], variant_columns)
+    comparison = baseline_comparison(records, variants, variant_columns, args.metrics[0])
+    alphas = alpha_tables(records, variant_columns)
     write_csv(out / "runs.csv", records, ["run", "seed", *variant_columns, "sparsity_from", *value_columns, CODE_COLUMN])
     write_csv(out / "report.csv", variants,
               [*variant_columns, "runs", "seeds", *(c for v in value_columns for c in (v, f"{v}_std")), CODE_COLUMN])
+    write_csv(out / "comparison.csv", comparison,
+              [*variant_columns, "seeds", args.metrics[0], f"{args.metrics[0]}_std", "delta", "delta_std",
+               "paired_seeds", "noise", "verdict"])
+    class_headers, class_rows = class_ap_table(variants, variant_columns)
+    write_csv(out / "per_class_AP.csv", [dict(zip(class_headers, row)) for row in class_rows], class_headers)
+    write_csv(out / "alphas.csv", [{"variant": t["variant"], "site": site, "layer": layer, "head": head, "alpha": a}
+                                   for t in alphas for (site, layer), heads in t["grid"].items()
+                                   for head, a in enumerate(heads)], ["variant", "site", "layer", "head", "alpha"])
     figures = report_figures(args, variants, records, logs, variant_columns, out / "figures")
 
     scores = [*args.metrics, *sparsity_columns(args.sparsity_metrics)]
@@ -124,6 +131,9 @@ def report(cfg: DictConfig) -> Path:
         "final evaluation (eval_metrics.json).",
         f"Sparsity (mean over layers and heads per site): from `analysis/` for {from_analysis} runs, from the last "
         f"evaluation logged in metrics.jsonl for the others (no PAIBB there).", "",
+        *comparison_markdown(comparison, variant_columns, sparsity_columns(args.sparsity_metrics), variants,
+                             args.metrics[0]),
+        "## Every metric", "",
         table, "",
     ]
     flagged = mixed_code(variants, variant_columns)
@@ -131,6 +141,7 @@ def report(cfg: DictConfig) -> Path:
         lines += ["**Code differs within a variant.** These variants' runs were not all trained by one clean "
                   "commit (`provenance.json` of each run; `+dirty`: uncommitted changes, `unknown`: no git "
                   "record), so their spread is not only the seeds':", "", *flagged, ""]
+    lines += [*class_ap_markdown(variants, variant_columns), *alpha_markdown(alphas)]
     lines += [f"![{path.stem}]({path.relative_to(out)})" for path in figures if path.suffix == ".png"]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(table)

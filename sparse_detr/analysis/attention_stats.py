@@ -102,7 +102,7 @@ def measure(model, criterion, postprocessor, dataset, *, num_images: int | None 
         for layer in layers:
             scores = paibb(outputs["attention"]["cross"][layer], outputs["feature_mask"], matches)
             pairs[layer].append(scores["per_head"])
-    return AttentionStats(sparsity=sparsity.compute(), coco=evaluator.compute(), num_images=count,
+    return AttentionStats(sparsity=sparsity.compute(), coco={**evaluator.compute(), **evaluator.class_ap}, num_images=count,
                           paibb={layer: torch.cat(parts) for layer, parts in pairs.items()})
 
 

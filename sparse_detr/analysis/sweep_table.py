@@ -14,11 +14,12 @@ from pathlib import Path
 
 from sparse_detr.analysis.attention_stats import site_summary
 from sparse_detr.analysis.run_folders import (ANALYSIS_DIR, ANALYSIS_NAME, EVAL_METRICS_NAME, logged_sparsity,
-                                              read_json, read_metrics_log, run_config, select, training_time_s)
+                                              last_logged, read_json, read_metrics_log, run_config, select, training_time_s)
 from sparse_detr.naming import attention_and_placement
 from sparse_detr.sites import SITES
 from sparse_detr.provenance import read_provenance, run_commits
-from sparse_detr.tracking import SPARSITY
+from sparse_detr.metrics.coco_eval import CLASS_AP
+from sparse_detr.tracking import ALPHA, SPARSITY
 
 VARIANT_COLUMNS = ("attention", "placement", "backbone", "data")
 TIME_COLUMN = "train_time_s"
@@ -66,15 +67,17 @@ def run_record(run_dir: Path, coco_metrics: Sequence[str], sparsity_metrics: Seq
                extra_keys: Sequence[str] = (), log: list[dict] | None = None) -> dict:
     """One run: its variant, seed, COCO metrics (eval_metrics.json), per-site sparsity and training time.
 
-    log: the run's metrics.jsonl rows if already read (they need the `sparsity/` keys)."""
+    log: the run's metrics.jsonl rows if already read (they need the `sparsity/` and `alpha/` keys)."""
     config = run_config(run_dir)
-    log = read_metrics_log(run_dir, prefixes=[SPARSITY + "/"]) if log is None else log
+    log = read_metrics_log(run_dir, prefixes=[SPARSITY + "/", ALPHA + "/"]) if log is None else log
     coco = read_json(run_dir / EVAL_METRICS_NAME) or {}
     analysis = read_json(run_dir / ANALYSIS_DIR / ANALYSIS_NAME)
     summary = analysis["summary"] if analysis else site_summary(logged_sparsity(log))
     record = {"run": str(run_dir), "seed": config.get("seed"), **variant_of(config, extra_keys),
               "sparsity_from": "analysis" if analysis else ("log" if summary else "")}
     record.update({name: _number(coco.get(name)) for name in coco_metrics})
+    record.update({name: _number(value) for name, value in coco.items() if name.startswith(CLASS_AP + "/")})
+    record[ALPHA] = (analysis or {}).get("alphas") or last_logged(log, ALPHA + "/")  # final alpha per head
     for column in sparsity_columns(sparsity_metrics):
         site, metric = column.split("/")
         record[column] = _number(summary.get(site, {}).get(metric))
@@ -86,7 +89,7 @@ def run_record(run_dir: Path, coco_metrics: Sequence[str], sparsity_metrics: Seq
 def aggregate(records: Sequence[dict], value_columns: Sequence[str], variant_columns: Sequence[str]) -> list[dict]:
     """One row per variant, sorted: the variant columns, `runs`, `seeds`, and for each value column
     its mean (`<column>`) and sample std over the runs (`<column>_std`, NaN for a single run).
-    NaN values (a metric a run lacks) are left out of both."""
+    NaN or absent values (a metric a run lacks) are left out of both."""
     groups: dict[tuple, list[dict]] = {}
     for record in records:
         groups.setdefault(tuple(record[c] for c in variant_columns), []).append(record)
@@ -97,7 +100,7 @@ def aggregate(records: Sequence[dict], value_columns: Sequence[str], variant_col
                "seeds": ";".join(sorted(str(r["seed"]) for r in runs)),
                CODE_COLUMN: ";".join(sorted({c for r in runs for c in r.get(CODE_COLUMN, "unknown").split(";")}))}
         for column in value_columns:
-            row[column], row[f"{column}_std"] = mean_std([r[column] for r in runs])
+            row[column], row[f"{column}_std"] = mean_std([r.get(column, math.nan) for r in runs])
         rows.append(row)
     return rows
 

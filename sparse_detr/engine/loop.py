@@ -193,8 +193,8 @@ def _float(outputs: dict) -> dict:
 @torch.no_grad()
 def evaluate(model, postprocessor, loader, evaluator: CocoEvaluator, *, device, loop_cfg,
              sparsity: SparsityAccumulator | None = None) -> dict[str, float]:
-    """COCO metrics over the loader (rank 0 gets them; others an empty dict); attention sparsity
-    per site and layer goes into `sparsity` when given."""
+    """COCO metrics over the loader, then per-class AP (`AP_class/<name>`); rank 0 gets them, others
+    an empty dict. Attention sparsity per site and layer goes into `sparsity` when given."""
     model.eval()
     progress = Progress(len(loader), "eval", loop_cfg.progress)
     for images, mask, targets in loader:
@@ -215,4 +215,4 @@ def evaluate(model, postprocessor, loader, evaluator: CocoEvaluator, *, device, 
         sparsity.synchronize()
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return {}
-    return evaluator.compute()
+    return {**evaluator.compute(), **evaluator.class_ap}

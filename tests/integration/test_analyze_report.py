@@ -162,6 +162,10 @@ def test_report_table_aggregates_seeds_per_variant(sweep, tmp_path):
     assert len(read_csv(out / "runs.csv")) == 4
     table = (out / "report.md").read_text()
     assert "| sparsemax | cross | resnet50 | coco | 2 | 0.320 ± 0.028 | 0.520 ± 0.028 |" in table
+    # first table: against the softmax baseline, paired by seed (0.30-0.28, 0.34-0.29)
+    first = table.index("| attention | placement | backbone | data | seeds | AP | ΔAP vs softmax")
+    assert first < table.index("## Every metric")
+    assert "| sparsemax | cross | resnet50 | coco | 1;2 | 0.320 ± 0.028 | 0.035 ± 0.021 (n=2) | 0.028 | above |" in table
     assert "60.0 ± 0.0 min" in table and "![training_curves](figures/training_curves.png)" in table
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"AP_vs_zero_ratio.png", "AP_vs_zero_ratio.pdf", "training_curves.png"} <= figures
@@ -179,6 +183,20 @@ def test_report_end_to_end_reads_the_analysis_of_a_real_run(analyzed_run, sweep,
     assert float(real["AP"]) == pytest.approx(json.loads((analyzed_run / "eval_metrics.json").read_text())["AP"])
     assert float(real["train_time_s"]) > 0
     assert len(read_csv(out / "report.csv")) == 3
+    # the learned alphas of the real run: its 2 layers x 4 heads, as the analysis read them off the model
+    alphas = {(r["layer"], r["head"]): float(r["alpha"]) for r in read_csv(out / "alphas.csv")}
+    assert alphas == pytest.approx({(str(l), str(h)): analysis["alphas"][f"alpha/cross/layer_{l}/head_{h}"]
+                                    for l in range(2) for h in range(4)})
+    text = (out / "report.md").read_text()
+    assert "## Learned alpha" in text and "| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | 8 |" in text
+    # per-class AP of the real run's final evaluation, one row per shapes class
+    eval_metrics = json.loads((analyzed_run / "eval_metrics.json").read_text())
+    classes = {k.split("/", 1)[1]: v for k, v in eval_metrics.items() if k.startswith("AP_class/")}
+    num_categories = OmegaConf.load(analyzed_run / "config.yaml").data.num_categories
+    assert len(classes) == num_categories and "## AP per class" in text
+    per_class = {row["class"]: row for row in read_csv(out / "per_class_AP.csv")}
+    column = "alpha_entmax (learned, init 1.5) · cross · tiny · shapes"
+    assert {name: float(row[column]) for name, row in per_class.items()} == pytest.approx(classes, nan_ok=True)
 
 
 def test_report_cli_rejects_bad_inputs_naming_the_value(tmp_path):
