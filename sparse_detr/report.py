@@ -86,7 +86,7 @@ def report(cfg: DictConfig) -> Path:
                                                   run_record, sparsity_columns)
     from sparse_detr.analysis.report_sections import (alpha_markdown, alpha_tables, baseline_comparison,
                                                       class_ap_columns, class_ap_markdown, class_ap_table,
-                                                      comparison_markdown)
+                                                      comparison_markdown, init_reference_markdown)
     from sparse_detr.analysis.tables import markdown_table, write_csv
     from sparse_detr.tracking import ALPHA, SPARSITY
 
@@ -141,7 +141,8 @@ def report(cfg: DictConfig) -> Path:
         lines += ["**Code differs within a variant.** These variants' runs were not all trained by one clean "
                   "commit (`provenance.json` of each run; `+dirty`: uncommitted changes, `unknown`: no git "
                   "record), so their spread is not only the seeds':", "", *flagged, ""]
-    lines += [*class_ap_markdown(variants, variant_columns), *alpha_markdown(alphas)]
+    lines += [*init_reference_markdown(records, variants, variant_columns, sparsity_columns(args.sparsity_metrics)),
+              *class_ap_markdown(variants, variant_columns), *alpha_markdown(alphas)]
     lines += [f"![{path.stem}]({path.relative_to(out)})" for path in figures if path.suffix == ".png"]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(table)

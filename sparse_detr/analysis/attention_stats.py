@@ -58,6 +58,16 @@ def load_trained_model(checkpoint: str | Path, overrides: Sequence[str] = (),
     return TrainedModel(cfg, model.to(device).eval(), criterion.to(device), postprocessor, saved.get("state", {}))
 
 
+def initial_model(trained: TrainedModel, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The same model as the run's training started it: built from its config right after seeding
+    torch with the run's seed, as the trainer does (without `init_from` weights). Torch's global
+    random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(trained.cfg.seed)
+        model, _, _ = build_model(trained.cfg)
+    return model.to(device).eval()
+
+
 def matched_pairs(criterion, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per image (matched query ids [M], their ground-truth boxes [M, 4] cxcywh), by the criterion's matcher."""
     matches = criterion.matcher(outputs, targets)

@@ -10,7 +10,7 @@ import statistics
 from collections.abc import Sequence
 
 from sparse_detr.analysis.run_folders import parse_site_key
-from sparse_detr.analysis.sweep_table import mean_std
+from sparse_detr.analysis.sweep_table import INIT, mean_std
 from sparse_detr.analysis.tables import cell, markdown_table
 from sparse_detr.metrics.coco_eval import CLASS_AP
 from sparse_detr.sites import SITES
@@ -152,3 +152,29 @@ def alpha_markdown(tables: Sequence[dict]) -> list[str]:
                   markdown_table(["site", "layer", *(f"head {h}" for h in range(table["heads"]))],
                                  [[site, layer, *values] for (site, layer), values in table["grid"].items()])]
     return lines + [""]
+
+
+def init_reference_markdown(records: Sequence[dict], variants: Sequence[dict], variant_columns: Sequence[str],
+                            sparsity: Sequence[str]) -> list[str]:
+    """Per analysed variant, its sparsity trained and at initialisation (`sparse-detr-analyze`'s
+    reference measurement of the same model as training started it), mean over seeds."""
+    at_init: dict[tuple, list[dict]] = {}
+    for record in records:
+        if record.get(INIT):
+            at_init.setdefault(_key(record, variant_columns), []).append(record[INIT])
+    rows = []
+    for variant in variants:
+        inits = at_init.get(_key(variant, variant_columns))
+        if not inits:
+            continue
+        label = " · ".join(str(variant[c]) for c in variant_columns)
+        rows.append([label, "trained", *(cell(variant[c], variant[f"{c}_std"]) for c in sparsity)])
+        rows.append([label, "at initialisation", *(
+            cell(*mean_std([init.get(c.split("/")[0], {}).get(c.split("/")[1], math.nan) for init in inits]))
+            for c in sparsity)])
+    if not rows:
+        return []
+    return ["## Sparsity at initialisation", "",
+            "The same models as their training started them (same seeds), measured on the same images by "
+            "`sparse-detr-analyze`: how much of the sparsity was learned.", "",
+            markdown_table(["variant", "model", *sparsity], rows), ""]

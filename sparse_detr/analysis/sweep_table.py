@@ -23,6 +23,7 @@ from sparse_detr.tracking import ALPHA, SPARSITY
 
 VARIANT_COLUMNS = ("attention", "placement", "backbone", "data")
 TIME_COLUMN = "train_time_s"
+INIT = "init"          # a record's {site: {metric: value}} of the model at initialisation (or None)
 CODE_COLUMN = "code"   # the git commits (";"-joined, "+dirty" for uncommitted changes) that trained the runs
 
 
@@ -78,6 +79,7 @@ def run_record(run_dir: Path, coco_metrics: Sequence[str], sparsity_metrics: Seq
     record.update({name: _number(coco.get(name)) for name in coco_metrics})
     record.update({name: _number(value) for name, value in coco.items() if name.startswith(CLASS_AP + "/")})
     record[ALPHA] = (analysis or {}).get("alphas") or last_logged(log, ALPHA + "/")  # final alpha per head
+    record[INIT] = ((analysis or {}).get("init") or {}).get("summary")  # sparsity of the initial model, if analysed
     for column in sparsity_columns(sparsity_metrics):
         site, metric = column.split("/")
         record[column] = _number(summary.get(site, {}).get(metric))

@@ -82,6 +82,37 @@ def test_analyze_writes_tables_summary_and_figures_with_values_in_range(analyzed
     assert 1 <= len(queries) <= 2
 
 
+def test_analyze_measures_the_initial_model_as_a_reference(analyzed_run):
+    """The reference row: the run's model as its training started it, on the same images; softmax
+    sites have no zeros there either, and one epoch of training changed the cross-attention."""
+    out = analyzed_run / "analysis"
+    result = json.loads((out / "analysis.json").read_text())
+    init = read_csv(out / "sparsity_init.csv")
+    assert [(r["site"], r["layer"], r["head"]) for r in init] == \
+        [(r["site"], str(r["layer"]), str(r["head"])) for r in result["sparsity"]]
+    assert all(float(r["zero_ratio"]) == 0 for r in init if r["site"] != "cross")
+    assert result["init"]["sparsity"] != result["sparsity"]
+    trained = {(r["site"], r["layer"], r["head"]): r["gini"] for r in result["sparsity"]}
+    assert any(abs(r["gini"] - trained[r["site"], r["layer"], r["head"]]) > 1e-4 for r in result["init"]["sparsity"])
+    assert set(result["init"]["summary"]) == {"encoder", "decoder", "cross"}
+    assert "zero_ratio (init)" in (out / "summary.md").read_text()
+
+
+def test_an_untrained_run_is_its_own_initialisation_reference(tmp_path):
+    """Known answer: with a learning rate of 1e-12 one step changes nothing that sparsity can see,
+    so the reference measured from a fresh model with the run's seed equals the trained model's."""
+    run_dir = tmp_path / "still"
+    run([sys.executable, "-m", "sparse_detr.train", *SMOKE, "train.max_steps=1", "optim.lr=1e-12",
+         "optim.lr_backbone=1e-12", "seed=5", f"output_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra"], cwd=tmp_path)
+    sparse_detr.analyze.analyze(load_config([f"checkpoint={run_dir}", "max_images=4", "figures.enabled=false"],
+                                            config_name="analyze"))
+    result = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    for trained, initial in zip(result["sparsity"], result["init"]["sparsity"]):
+        assert (trained["site"], trained["layer"], trained["head"]) == (initial["site"], initial["layer"], initial["head"])
+        for metric in ("zero_ratio", "gini", "entropy"):
+            assert initial[metric] == pytest.approx(trained[metric], rel=1e-4, abs=1e-6), (trained, metric)
+
+
 def test_analyze_reproduces_the_training_evaluation(analyzed_run):
     """Same weights, images and batches as the run's last evaluation: same AP and sparsity."""
     result = json.loads((analyzed_run / "analysis" / "analysis.json").read_text())
@@ -188,6 +219,8 @@ def test_report_end_to_end_reads_the_analysis_of_a_real_run(analyzed_run, sweep,
     assert alphas == pytest.approx({(str(l), str(h)): analysis["alphas"][f"alpha/cross/layer_{l}/head_{h}"]
                                     for l in range(2) for h in range(4)})
     text = (out / "report.md").read_text()
+    assert "## Sparsity at initialisation" in text
+    assert f"| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | at initialisation | " in text
     assert "## Learned alpha" in text and "| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | 8 |" in text
     # per-class AP of the real run's final evaluation, one row per shapes class
     eval_metrics = json.loads((analyzed_run / "eval_metrics.json").read_text())
