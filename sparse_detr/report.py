@@ -11,6 +11,7 @@ Writes into `output_dir` (default `<sweep_dir>/report`, else `./report`): report
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -117,6 +118,7 @@ def report(cfg: DictConfig) -> Path:
                                    for t in alphas for (site, layer), heads in t["grid"].items()
                                    for head, a in enumerate(heads)], ["variant", "site", "layer", "head", "alpha"])
     figures = report_figures(args, variants, records, logs, variant_columns, out / "figures")
+    figures += alpha_heatmaps(args, alphas, out / "figures")
 
     scores = [*args.metrics, *sparsity_columns(args.sparsity_metrics)]
     table = markdown_table(
@@ -169,6 +171,19 @@ def report_figures(args: ReportConfig, variants, records, logs, variant_columns,
         colors = {label(v): f"C{i % 10}" for i, v in enumerate(variants)}
         runs = [(f"{label(r)} (seed {r['seed']})", colors[label(r)], log) for r, log in zip(records, logs)]
         paths += save_figure(training_curves_figure(runs, args.curves), out / "training_curves", args.formats, args.dpi)
+    return paths
+
+
+def alpha_heatmaps(args: ReportConfig, tables: list[dict], out: Path) -> list[Path]:
+    """`alphas_<variant>`: the learned alpha of every layer and head (mean over seeds), per variant."""
+    from sparse_detr.viz import save_figure
+    from sparse_detr.viz.alphas import alpha_grids, alpha_heatmap_figure
+
+    paths = []
+    for table in tables:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", table["variant"]).strip("_")
+        paths += save_figure(alpha_heatmap_figure(alpha_grids(table["mean"])), out / f"alphas_{stem}",
+                             args.formats, args.dpi)
     return paths
 
 

@@ -82,7 +82,8 @@ def alpha_tables(records: Sequence[dict], variant_columns: Sequence[str]) -> lis
     """Per variant with learned alphas: the final alpha of every (site, layer, head), mean over its
     seeds, and the shares of all its (layer, head, seed) alphas below SOFTMAX_END, above
     SPARSEMAX_END and between. [{"variant", "heads": int, "grid": {(site, layer): [per head]},
-    "softmax_end", "between", "sparsemax_end", "count"}]"""
+    "mean": {alpha key: value} (the grid as `alpha/<site>/layer_<l>/head_<h>`), "softmax_end",
+    "between", "sparsemax_end", "count"}]"""
     grouped: dict[tuple, list[dict]] = {}
     for record in records:
         if record.get(ALPHA):
@@ -101,6 +102,8 @@ def alpha_tables(records: Sequence[dict], variant_columns: Sequence[str]) -> lis
         every = [v for seen in values.values() for v in seen]
         low, high = sum(v < SOFTMAX_END for v in every), sum(v > SPARSEMAX_END for v in every)
         out.append({"variant": " · ".join(map(str, key)), "heads": heads, "count": len(every),
+                    "mean": {f"{ALPHA}/{site}/layer_{layer}/head_{head}": statistics.fmean(seen)
+                             for (site, layer, head), seen in values.items()},
                     "grid": dict(sorted(grid.items(), key=lambda kv: (SITES.index(kv[0][0]), kv[0][1]))),
                     "softmax_end": low / len(every), "sparsemax_end": high / len(every),
                     "between": (len(every) - low - high) / len(every)})

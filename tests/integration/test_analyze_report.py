@@ -221,6 +221,8 @@ def test_report_end_to_end_reads_the_analysis_of_a_real_run(analyzed_run, sweep,
     text = (out / "report.md").read_text()
     assert "## Sparsity at initialisation" in text
     assert f"| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | at initialisation | " in text
+    assert "![alphas_alpha_entmax_learned_init_1.5_cross_tiny_shapes](figures/alphas_alpha_entmax_learned_init_1.5_cross_tiny_shapes.png)" \
+        in text
     assert "## Learned alpha" in text and "| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | 8 |" in text
     # per-class AP of the real run's final evaluation, one row per shapes class
     eval_metrics = json.loads((analyzed_run / "eval_metrics.json").read_text())

@@ -88,6 +88,8 @@ def test_learned_alphas_are_averaged_over_seeds_and_counted_at_either_end():
     assert table["variant"] == "alpha_entmax · cross · resnet50" and table["count"] == 8 and table["heads"] == 2
     assert table["grid"][("cross", 0)] == pytest.approx([1.06, 1.4])
     assert table["grid"][("cross", 1)] == pytest.approx([1.97, 1.56])
+    assert table["mean"] == pytest.approx({"alpha/cross/layer_0/head_0": 1.06, "alpha/cross/layer_0/head_1": 1.4,
+                                           "alpha/cross/layer_1/head_0": 1.97, "alpha/cross/layer_1/head_1": 1.56})
     assert (table["softmax_end"], table["between"], table["sparsemax_end"]) == (2 / 8, 3 / 8, 3 / 8)
     text = "\n".join(alpha_markdown([table]))
     assert "| alpha_entmax · cross · resnet50 | 8 | 0.250 | 0.375 | 0.375 |" in text
