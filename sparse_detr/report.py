@@ -89,7 +89,7 @@ def report(cfg: DictConfig) -> Path:
                                                       class_ap_columns, class_ap_markdown, class_ap_table,
                                                       comparison_markdown, init_reference_markdown)
     from sparse_detr.analysis.tables import markdown_table, write_csv
-    from sparse_detr.tracking import ALPHA, SPARSITY
+    from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY
 
     sources = [path for path in [args.sweep_dir, *args.runs] if path]
     folders = find_run_folders(sources)
@@ -101,7 +101,7 @@ def report(cfg: DictConfig) -> Path:
 
     records, logs = [], []
     for folder in folders:
-        logs.append(read_metrics_log(folder, prefixes=[SPARSITY + "/", ALPHA + "/", *args.curves]))
+        logs.append(read_metrics_log(folder, prefixes=[SPARSITY + "/", ALPHA + "/", PAIBB + "/", *args.curves]))
         records.append(run_record(folder, args.metrics, args.sparsity_metrics, args.variant_keys, logs[-1]))
     variants = aggregate(records, [*value_columns, *class_ap_columns(records)], variant_columns)
     comparison = baseline_comparison(records, variants, variant_columns, args.metrics[0])
@@ -132,7 +132,7 @@ def report(cfg: DictConfig) -> Path:
         "Values are mean ± sample std over the runs (seeds) of a variant; COCO metrics from each run's "
         "final evaluation (eval_metrics.json).",
         f"Sparsity (mean over layers and heads per site): from `analysis/` for {from_analysis} runs, from the last "
-        f"evaluation logged in metrics.jsonl for the others (no PAIBB there).", "",
+        f"evaluation logged in metrics.jsonl for the others (PAIBB: last decoder layer, all objects, head mean).", "",
         *comparison_markdown(comparison, variant_columns, sparsity_columns(args.sparsity_metrics), variants,
                              args.metrics[0]),
         "## Every metric", "",

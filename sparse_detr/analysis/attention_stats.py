@@ -19,6 +19,7 @@ from sparse_detr.data.collate import collate
 from sparse_detr.engine.checkpoint import load_training_checkpoint
 from sparse_detr.engine.loop import to_device
 from sparse_detr.metrics.coco_eval import CocoEvaluator
+from sparse_detr.metrics.paibb_sizes import matched_pairs
 from sparse_detr.metrics.sparsity import METRICS, SparsityAccumulator, paibb, site_masks
 from sparse_detr.models.detr import build_model
 
@@ -66,13 +67,6 @@ def initial_model(trained: TrainedModel, device: str | torch.device = "cpu") -> 
         torch.manual_seed(trained.cfg.seed)
         model, _, _ = build_model(trained.cfg)
     return model.to(device).eval()
-
-
-def matched_pairs(criterion, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per image (matched query ids [M], their ground-truth boxes [M, 4] cxcywh), by the criterion's matcher."""
-    matches = criterion.matcher(outputs, targets)
-    return [(queries, target["boxes"][boxes.to(target["boxes"].device)])
-            for (queries, boxes), target in zip(matches, targets)]
 
 
 @dataclass

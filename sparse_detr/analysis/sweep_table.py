@@ -2,8 +2,8 @@
 
 A variant is what the run's config says about attention, placement, backbone and data (plus any
 `extra_keys`); runs that differ only in `seed` are its repeats. The sparsity columns come from the
-run's `analysis/analysis.json` when `sparse-detr-analyze` ran, else from the `sparsity/...`
-metrics of the last evaluation in `metrics.jsonl` (those have no PAIBB).
+run's `analysis/analysis.json` when `sparse-detr-analyze` ran, else from the `sparsity/...` and
+`paibb/...` metrics of the last evaluation in `metrics.jsonl`.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 
 from sparse_detr.analysis.attention_stats import site_summary
 from sparse_detr.analysis.run_folders import (ANALYSIS_DIR, ANALYSIS_NAME, EVAL_METRICS_NAME, logged_sparsity,
-                                              last_logged, read_json, read_metrics_log, run_config, select, training_time_s)
+                                              last_logged, logged_paibb, read_json, read_metrics_log, run_config, select, training_time_s)
 from sparse_detr.naming import attention_and_placement
 from sparse_detr.sites import SITES
 from sparse_detr.provenance import read_provenance, run_commits
 from sparse_detr.metrics.coco_eval import CLASS_AP
-from sparse_detr.tracking import ALPHA, SPARSITY
+from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY
 
 VARIANT_COLUMNS = ("attention", "placement", "backbone", "data")
 TIME_COLUMN = "train_time_s"
@@ -68,12 +68,14 @@ def run_record(run_dir: Path, coco_metrics: Sequence[str], sparsity_metrics: Seq
                extra_keys: Sequence[str] = (), log: list[dict] | None = None) -> dict:
     """One run: its variant, seed, COCO metrics (eval_metrics.json), per-site sparsity and training time.
 
-    log: the run's metrics.jsonl rows if already read (they need the `sparsity/` and `alpha/` keys)."""
+    log: the run's metrics.jsonl rows if already read (they need the `sparsity/`, `alpha/` and `paibb/` keys)."""
     config = run_config(run_dir)
-    log = read_metrics_log(run_dir, prefixes=[SPARSITY + "/", ALPHA + "/"]) if log is None else log
+    log = read_metrics_log(run_dir, prefixes=[SPARSITY + "/", ALPHA + "/", PAIBB + "/"]) if log is None else log
     coco = read_json(run_dir / EVAL_METRICS_NAME) or {}
     analysis = read_json(run_dir / ANALYSIS_DIR / ANALYSIS_NAME)
     summary = analysis["summary"] if analysis else site_summary(logged_sparsity(log))
+    if not analysis and logged_paibb(log) is not None:
+        summary.setdefault("cross", {})["paibb"] = logged_paibb(log)
     record = {"run": str(run_dir), "seed": config.get("seed"), **variant_of(config, extra_keys),
               "sparsity_from": "analysis" if analysis else ("log" if summary else "")}
     record.update({name: _number(coco.get(name)) for name in coco_metrics})

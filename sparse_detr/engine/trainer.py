@@ -20,6 +20,7 @@ from sparse_detr.engine.preemption import PreemptionGuard
 from sparse_detr.errors import ConfigError
 from sparse_detr.engine.sampling import EpochSampler, SeededSamples
 from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
+from sparse_detr.metrics.paibb_sizes import PaibbBySize, paibb_metrics
 from sparse_detr.metrics.sparsity import SparsityAccumulator
 from sparse_detr.models.detr import build_model
 from sparse_detr.models.detr_checkpoint import model_state_dict, read_checkpoint
@@ -187,14 +188,15 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         loader = make_loader(self.val_set, self.cfg.data.batch_size, self.cfg.data.num_workers, self.val_sampler, False)
         evaluator = CocoEvaluator(self.val_set.coco, self.val_set.label_to_category)
-        sparsity = SparsityAccumulator()
+        sparsity, paibb = SparsityAccumulator(), PaibbBySize()
         metrics = evaluate(self.network, self.postprocessor, loader, evaluator, device=self.ctx.device,
-                           loop_cfg=self.cfg.train, sparsity=sparsity)
+                           loop_cfg=self.cfg.train, sparsity=sparsity, paibb=paibb, criterion=self.criterion)
         if self.ctx.is_main:
             write_metrics_json({**metrics, "epoch": self.state.epoch, "global_step": self.state.global_step},
                                self.run_dir / METRICS_NAME)
             self.tracker.log_epoch({f"{VAL_EPOCH}/{k}": v for k, v in metrics.items()}, epoch=self.state.epoch)
-            self.tracker.log(sparsity_metrics(sparsity.compute()), step=self.state.global_step)
+            self.tracker.log({**sparsity_metrics(sparsity.compute()), **paibb_metrics(paibb.compute())},
+                             step=self.state.global_step)
         return metrics
 
     def fit(self) -> dict[str, float]:

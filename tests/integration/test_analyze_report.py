@@ -113,6 +113,19 @@ def test_an_untrained_run_is_its_own_initialisation_reference(tmp_path):
             assert initial[metric] == pytest.approx(trained[metric], rel=1e-4, abs=1e-6), (trained, metric)
 
 
+def test_every_validation_logs_paibb_by_size_and_agrees_with_the_analysis(analyzed_run):
+    """Training's own PAIBB (every decoder layer, per size and head) of its last evaluation equals what
+    sparse-detr-analyze measures on the same images with the same weights (last layer, head mean)."""
+    log = read_metrics_log(analyzed_run, prefixes=["paibb/"])
+    keys = {key for row in log for key in row if key.startswith("paibb/")}
+    assert {f"paibb/all/layer_{l}/{name}" for l in range(2) for name in ("mean", "head_0", "head_3")} <= keys
+    assert {key.split("/")[1] for key in keys} <= {"all", "small", "medium", "large"} and len(
+        {key.split("/")[1] for key in keys}) >= 2
+    last = series(log, "paibb/all/layer_1/mean")[1][-1]
+    analysis = json.loads((analyzed_run / "analysis" / "analysis.json").read_text())
+    assert last == pytest.approx(analysis["summary"]["cross"]["paibb"], rel=1e-5)
+
+
 def test_analyze_reproduces_the_training_evaluation(analyzed_run):
     """Same weights, images and batches as the run's last evaluation: same AP and sparsity."""
     result = json.loads((analyzed_run / "analysis" / "analysis.json").read_text())
