@@ -40,6 +40,9 @@ class ReportConfig:
     curves: List[str] = field(default_factory=lambda: list(DEFAULT_CURVES))  # metrics.jsonl keys to plot
     formats: List[str] = field(default_factory=lambda: ["png", "pdf"])
     dpi: int = 100
+    # the cross-attention of one object of one validation image, a column per variant (needs checkpoints)
+    attention_image: Optional[int] = None   # None: no such figure
+    attention_object: int = 0               # index of the ground-truth object in that image
 
     def __post_init__(self):
         from sparse_detr.analysis.run_folders import axis_of
@@ -67,6 +70,9 @@ class ReportConfig:
         for fmt in self.formats:
             check_choice("formats[]", fmt, FORMATS)
         check_range("dpi", self.dpi, low=10)
+        if self.attention_image is not None:
+            check_range("attention_image", self.attention_image, low=0)
+        check_range("attention_object", self.attention_object, low=0)
 
 
 ConfigStore.instance().store(name="report_schema", node=ReportConfig)
@@ -119,6 +125,8 @@ def report(cfg: DictConfig) -> Path:
                                    for head, a in enumerate(heads)], ["variant", "site", "layer", "head", "alpha"])
     figures = report_figures(args, variants, records, logs, variant_columns, out / "figures")
     figures += alpha_heatmaps(args, alphas, out / "figures")
+    if args.attention_image is not None:
+        figures += attention_columns(args, records, variant_columns, out / "figures")
 
     scores = [*args.metrics, *sparsity_columns(args.sparsity_metrics)]
     table = markdown_table(
@@ -172,6 +180,31 @@ def report_figures(args: ReportConfig, variants, records, logs, variant_columns,
         runs = [(f"{label(r)} (seed {r['seed']})", colors[label(r)], log) for r, log in zip(records, logs)]
         paths += save_figure(training_curves_figure(runs, args.curves), out / "training_curves", args.formats, args.dpi)
     return paths
+
+
+def attention_columns(args: ReportConfig, records, variant_columns, out: Path) -> list[Path]:
+    """`cross_attention_image_<i>_object_<j>`: a column per variant (its lowest-seed run with a
+    checkpoint; variants without one are left out), a row per decoder layer."""
+    from sparse_detr.analysis.variant_attention import object_attention
+    from sparse_detr.engine.checkpoint import CHECKPOINT_NAME
+    from sparse_detr.viz import save_figure
+    from sparse_detr.viz.attention_maps import variant_attention_figure
+
+    chosen: dict[tuple, dict] = {}
+    for record in sorted(records, key=lambda r: str(r["seed"])):
+        if (Path(record["run"]) / CHECKPOINT_NAME).is_file():
+            chosen.setdefault(tuple(record[c] for c in variant_columns), record)
+    if not chosen:
+        return []
+    columns, picture, box = [], None, None
+    for key, record in sorted(chosen.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        shown, object_box, maps = object_attention(record["run"], args.attention_image, args.attention_object)
+        picture, box = (shown, object_box) if picture is None else (picture, box)
+        columns.append((f"{' · '.join(map(str, key))} (seed {record['seed']})", maps))
+    title = f"validation image {args.attention_image}, object {args.attention_object}: head-averaged cross-attention"
+    return save_figure(variant_attention_figure(picture, box, columns, title),
+                       out / f"cross_attention_image_{args.attention_image}_object_{args.attention_object}",
+                       args.formats, args.dpi)
 
 
 def alpha_heatmaps(args: ReportConfig, tables: list[dict], out: Path) -> list[Path]:

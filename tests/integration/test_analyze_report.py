@@ -217,8 +217,8 @@ def test_report_table_aggregates_seeds_per_variant(sweep, tmp_path):
 
 def test_report_end_to_end_reads_the_analysis_of_a_real_run(analyzed_run, sweep, tmp_path):
     out = sparse_detr.report.report(load_config(
-        [f"sweep_dir={sweep}", f"runs=[{analyzed_run}]", f"output_dir={tmp_path / 'report'}", "formats=[png]"],
-        config_name="report"))
+        [f"sweep_dir={sweep}", f"runs=[{analyzed_run}]", f"output_dir={tmp_path / 'report'}", "formats=[png]",
+         "attention_image=0"], config_name="report"))
     runs = {Path(r["run"]).name: r for r in read_csv(out / "runs.csv")}
     real = runs["alpha_cross"]
     analysis = json.loads((analyzed_run / "analysis" / "analysis.json").read_text())
@@ -232,6 +232,8 @@ def test_report_end_to_end_reads_the_analysis_of_a_real_run(analyzed_run, sweep,
     assert alphas == pytest.approx({(str(l), str(h)): analysis["alphas"][f"alpha/cross/layer_{l}/head_{h}"]
                                     for l in range(2) for h in range(4)})
     text = (out / "report.md").read_text()
+    assert "![cross_attention_image_0_object_0](figures/cross_attention_image_0_object_0.png)" in text
+    assert (out / "figures" / "cross_attention_image_0_object_0.png").stat().st_size > 0
     assert "## Sparsity at initialisation" in text
     assert f"| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | at initialisation | " in text
     assert "![alphas_alpha_entmax_learned_init_1.5_cross_tiny_shapes](figures/alphas_alpha_entmax_learned_init_1.5_cross_tiny_shapes.png)" \
@@ -274,3 +276,17 @@ def test_report_flags_the_variant_whose_seeds_came_from_different_commits(sweep,
     text = (out / "report.md").read_text()
     assert "Code differs within a variant" in text
     assert f"- sparsemax · cross · resnet50 · coco: {'a' * 12}, {'b' * 12}" in text and "- softmax" not in text
+
+
+def test_one_objects_attention_is_the_head_average_of_its_matched_query(analyzed_run):
+    import numpy as np
+
+    from sparse_detr.analysis.variant_attention import object_attention
+
+    picture, box, maps = object_attention(analyzed_run, 0, 0)
+    height, width = picture.shape[:2]
+    assert maps.shape[0] == 2 and maps.min() >= 0
+    np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-5)   # a distribution over the image's cells
+    assert 0 <= box[0] < box[2] <= width + 1e-3 and 0 <= box[1] < box[3] <= height + 1e-3
+    with pytest.raises(ConfigError, match="attention_object=99 is out of range"):
+        object_attention(analyzed_run, 0, 99)
