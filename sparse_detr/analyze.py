@@ -115,6 +115,8 @@ def analyze(cfg: DictConfig) -> Path:
     alphas = learned_alphas(trained.model)
     write_csv(out / "sparsity.csv", sparsity, stats_lib.SPARSITY_COLUMNS)
     write_csv(out / "paibb.csv", paibb, stats_lib.PAIBB_COLUMNS)
+    paibb_by_size = stats_lib.paibb_size_rows(stats)
+    write_csv(out / "paibb_by_size.csv", paibb_by_size, stats_lib.PAIBB_SIZE_COLUMNS)
     init = None
     if args.init_reference:  # how much of the sparsity is learned: the same images through the initial model
         initial = stats_lib.measure(stats_lib.initial_model(trained, device), trained.criterion, trained.postprocessor,
@@ -128,7 +130,7 @@ def analyze(cfg: DictConfig) -> Path:
         "checkpoint": args.checkpoint, "split": args.split, "num_images": stats.num_images,
         "threshold": args.threshold, "epoch": trained.state.get("epoch"),
         "global_step": trained.state.get("global_step"), "coco": stats.coco, "summary": stats_lib.summary_of(stats),
-        "sparsity": sparsity, "paibb": paibb, "alphas": alphas, "init": init,
+        "sparsity": sparsity, "paibb": paibb, "paibb_by_size": paibb_by_size, "alphas": alphas, "init": init,
     })
     figures = []
     if args.figures.enabled:

@@ -124,6 +124,11 @@ def test_every_validation_logs_paibb_by_size_and_agrees_with_the_analysis(analyz
     last = series(log, "paibb/all/layer_1/mean")[1][-1]
     analysis = json.loads((analyzed_run / "analysis" / "analysis.json").read_text())
     assert last == pytest.approx(analysis["summary"]["cross"]["paibb"], rel=1e-5)
+    # and analyze's own table by size holds the same numbers as the log, size by size
+    by_size = {(r["size"], r["head"]): float(r["paibb"]) for r in read_csv(analyzed_run / "analysis" / "paibb_by_size.csv")}
+    logged = {(key.split("/")[1], key.split("/")[3].removeprefix("head_")): series(log, key)[1][-1]
+              for key in keys if "/layer_1/" in key}
+    assert by_size == pytest.approx(logged, rel=1e-5, nan_ok=True)
 
 
 def test_analyze_reproduces_the_training_evaluation(analyzed_run):
