@@ -45,10 +45,14 @@ def mapping_state_keys(model) -> set[str]:
             for key in module.state_dict()}
 
 
+PRE_NORM_ENCODER_NORM = "transformer.encoder.norm."   # only pre-norm transformers have it
+
+
 def init_from_weights(model, path: str) -> None:
-    """Model weights only, for fine-tuning. A class head of another size is left re-initialised, and
+    """Model weights only, for fine-tuning. A class head of another size is left re-initialised,
     mapping parameters the checkpoint lacks (softmax or official DETR weights into a learned
-    alpha-entmax model) keep their configured initial values; any other missing or extra key is an error."""
+    alpha-entmax model) keep their configured initial values, and so does a pre-norm model's final
+    encoder norm (official DETR weights are post-norm); any other missing or extra key is an error."""
     weights = model_state_dict(read_checkpoint(path))
     own = model.state_dict()
     head = ("class_embed.weight", "class_embed.bias")
@@ -62,7 +66,15 @@ def init_from_weights(model, path: str) -> None:
     if new_mapping_keys:
         log.info("init_from: %d attention mapping parameters not in the checkpoint keep their initial values "
                  "(%s, ...)", len(new_mapping_keys), new_mapping_keys[0])
-    missing = [k for k in missing if (k not in head or k in weights) and k not in new_mapping_keys]
+    # DETR's published weights are post-norm: a pre-norm model (the thesis recipes) has a final encoder
+    # LayerNorm they lack, which keeps its identity initialisation.
+    encoder_norm = [k for k in missing if k.startswith(PRE_NORM_ENCODER_NORM)]
+    if encoder_norm:
+        log.warning("init_from: the checkpoint has no %s* (post-norm weights into a pre-norm model); it starts "
+                    "as the identity, and fine-tuning starts from a different function than the checkpoint's",
+                    PRE_NORM_ENCODER_NORM)
+    missing = [k for k in missing if (k not in head or k in weights) and k not in new_mapping_keys
+               and k not in encoder_norm]
     if missing or unexpected:
         raise ValueError(f"init_from={path!r} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 

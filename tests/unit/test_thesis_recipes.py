@@ -128,3 +128,23 @@ def test_the_thesis_alpha_trains_at_10x_lr_without_decay_through_the_lr_drop(the
         assert lrs == pytest.approx({"main": 1e-4 * drop, "backbone": 1e-5 * drop, "alpha": 1e-3}), epoch
         optimizer.step()
         scheduler.step()
+
+
+def test_official_post_norm_detr_weights_start_a_thesis_run(tmp_path):
+    from sparse_detr.engine.trainer import init_from_weights
+
+    torch.manual_seed(0)
+    official, _, _ = build_model(load_config(["backbone=resnet50", "data=coco", "data.root=/data/coco",
+                                              "model.num_classes=91"]))
+    torch.save({"model": official.state_dict()}, tmp_path / "detr-r50.pth")
+    torch.manual_seed(42)
+    thesis, _, _ = build_model(load_config(["experiment=thesis_cross", "data.root=/data/coco", "model.num_classes=91",
+                                            "attention.impl=eager"]))
+    pre_alpha = {n: p.detach().clone() for n, p in thesis.named_parameters() if n.endswith("pre_alpha")}
+    init_from_weights(thesis, str(tmp_path / "detr-r50.pth"))
+    state = thesis.state_dict()
+    for key, value in official.state_dict().items():
+        assert torch.equal(state[key], value), key
+    assert torch.equal(state["transformer.encoder.norm.weight"], torch.ones(256))
+    assert torch.equal(state["transformer.encoder.norm.bias"], torch.zeros(256))
+    assert all(torch.equal(state[n], v) for n, v in pre_alpha.items())
