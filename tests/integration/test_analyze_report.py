@@ -240,7 +240,7 @@ def test_report_end_to_end_reads_the_analysis_of_a_real_run(analyzed_run, sweep,
     assert "![cross_attention_image_0_object_0](figures/cross_attention_image_0_object_0.png)" in text
     assert (out / "figures" / "cross_attention_image_0_object_0.png").stat().st_size > 0
     assert "## Sparsity at initialisation" in text
-    assert f"| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | at initialisation | " in text
+    assert "| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | at initialisation | " in text
     assert "![alphas_alpha_entmax_learned_init_1.5_cross_tiny_shapes](figures/alphas_alpha_entmax_learned_init_1.5_cross_tiny_shapes.png)" \
         in text
     assert "## Learned alpha" in text and "| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | 8 |" in text
