@@ -6,6 +6,7 @@ over the whole image (each feature cell is an equal share of the image, as PAIBB
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -105,7 +106,7 @@ def variant_attention_figure(picture: np.ndarray, box: Sequence[float], columns:
             ax.imshow(np.ma.masked_equal(values, 0.0), extent=(0, width, height, 0), cmap="inferno", alpha=0.6,
                       vmin=0.0, vmax=max(float(values.max()), 1e-12), interpolation="nearest")
             draw_boxes(ax, [(box, GT_COLOR, "")])
-            ax.set_title(f"{label}\nlayer {layer}" if layer == 0 else f"layer {layer}", fontsize=7)
-    if title:
-        figure.suptitle(title, fontsize=9)
+            ax.set_title(f"{textwrap.fill(label, 30)}\nlayer {layer}" if layer == 0 else f"layer {layer}", fontsize=7)
+    if title:  # wrapped to the figure's width (about 15 characters an inch at this size)
+        figure.suptitle(textwrap.fill(title, max(30, int(15 * cell * len(columns)))), fontsize=8)
     return figure
