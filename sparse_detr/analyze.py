@@ -59,6 +59,7 @@ class AnalyzeConfig:
     threshold: float = 1e-6              # weights <= threshold count as near zero (near_zero_ratio)
     paibb_layers: List[int] = field(default_factory=lambda: [-1])  # decoder layers; -1 is the last
     overrides: List[str] = field(default_factory=list)  # changes to the run's config, e.g. [data.root=/data/coco]
+    init_reference: bool = True          # also measure the model as training started it (sparsity_init.csv)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
 
     def __post_init__(self):
@@ -74,6 +75,7 @@ class AnalyzeConfig:
 
 
 ConfigStore.instance().store(name="analyze_schema", node=AnalyzeConfig)
+INIT_METRICS = ("zero_ratio", "gini")   # shown beside the trained values in summary.md
 
 
 def check_against_run(args: AnalyzeConfig, cfg, dataset_size: int) -> None:
@@ -114,25 +116,37 @@ def analyze(cfg: DictConfig) -> Path:
     alphas = learned_alphas(trained.model)
     write_csv(out / "sparsity.csv", sparsity, stats_lib.SPARSITY_COLUMNS)
     write_csv(out / "paibb.csv", paibb, stats_lib.PAIBB_COLUMNS)
+    paibb_by_size = stats_lib.paibb_size_rows(stats)
+    write_csv(out / "paibb_by_size.csv", paibb_by_size, stats_lib.PAIBB_SIZE_COLUMNS)
+    init = None
+    if args.init_reference:  # how much of the sparsity is learned: the same images through the initial model
+        initial = stats_lib.measure(stats_lib.initial_model(trained, device), trained.criterion, trained.postprocessor,
+                                    dataset, num_images=args.max_images,
+                                    batch_size=args.batch_size or trained.cfg.data.batch_size,
+                                    threshold=args.threshold, paibb_layers=args.paibb_layers, device=device)
+        init = {"summary": stats_lib.summary_of(initial), "sparsity": stats_lib.sparsity_rows(initial),
+                "paibb": stats_lib.paibb_rows(initial)}
+        write_csv(out / "sparsity_init.csv", init["sparsity"], stats_lib.SPARSITY_COLUMNS)
     write_json(out / ANALYSIS_NAME, {
         "checkpoint": args.checkpoint, "split": args.split, "num_images": stats.num_images,
         "threshold": args.threshold, "epoch": trained.state.get("epoch"),
         "global_step": trained.state.get("global_step"), "coco": stats.coco, "summary": stats_lib.summary_of(stats),
-        "sparsity": sparsity, "paibb": paibb, "alphas": alphas,
+        "sparsity": sparsity, "paibb": paibb, "paibb_by_size": paibb_by_size, "alphas": alphas, "init": init,
     })
     figures = []
     if args.figures.enabled:
         from sparse_detr.viz.analysis_figures import analysis_figures
 
         figures = analysis_figures(trained, dataset, stats, alphas, run_dir, out / "figures", args.figures, device)
-    summary = summary_markdown(trained, args, stats, alphas, [p.relative_to(out) for p in figures])
+    summary = summary_markdown(trained, args, stats, alphas, [p.relative_to(out) for p in figures], init)
     (out / "summary.md").write_text(summary, encoding="utf-8")
     print(summary)
     print(f"analysis folder: {out.resolve()}")
     return out
 
 
-def summary_markdown(trained, args: AnalyzeConfig, stats, alphas: dict[str, float], figures: list[Path]) -> str:
+def summary_markdown(trained, args: AnalyzeConfig, stats, alphas: dict[str, float], figures: list[Path],
+                     init: dict | None = None) -> str:
     """summary.md: what was analysed, COCO metrics, head-mean sparsity per site and layer, PAIBB, alphas, figures."""
     from sparse_detr.analysis.tables import markdown_table
     from sparse_detr.metrics.coco_eval import METRIC_NAMES
@@ -140,6 +154,7 @@ def summary_markdown(trained, args: AnalyzeConfig, stats, alphas: dict[str, floa
     from sparse_detr.viz.alphas import alpha_grids
 
     cfg, state = trained.cfg, trained.state
+    initial = {(r["site"], r["layer"]): r for r in (init or {}).get("sparsity", []) if r["head"] == "mean"}
     mappings = ", ".join(f"{site}={cfg.placement[site]}" for site in SITES)
     alpha = f" (alpha {'learned, init ' if cfg.attention.learn_alpha else ''}{cfg.attention.alpha})" \
         if "alpha_entmax" in mappings else ""
@@ -157,8 +172,12 @@ def summary_markdown(trained, args: AnalyzeConfig, stats, alphas: dict[str, floa
         "",
         "## Sparsity per site and layer (mean over heads; per head in sparsity.csv)",
         "",
-        markdown_table(["site", "layer", "mapping", *METRICS],
-                       [[site, layer, cfg.placement[site], *(float(values[m].mean()) for m in METRICS)]
+        "The `(init)` columns: the same model as training started it (same seed), on the same images "
+        "(sparsity_init.csv): the part of the sparsity that was not learned." if init else "",
+        "",
+        markdown_table(["site", "layer", "mapping", *METRICS, *((f"{m} (init)" for m in INIT_METRICS) if init else ())],
+                       [[site, layer, cfg.placement[site], *(float(values[m].mean()) for m in METRICS),
+                         *((initial[site, layer][m] for m in INIT_METRICS) if init else ())]
                         for (site, layer), values in stats.sparsity.items()]),
         "",
         "## PAIBB: share of cross-attention inside the matched ground-truth box",

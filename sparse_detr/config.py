@@ -31,6 +31,8 @@ MAPPING_NAMES = ("softmax", "sparsemax", "entmax15", "alpha_entmax", "tvmax")
 GRID_MAPPINGS = ("tvmax",)
 MAPPING_IMPLS = ("fast", "eager", "reference")
 ALPHA_FLOOR = 1.01  # learned alpha lives in (ALPHA_FLOOR, 2]: entmax_bisect breaks at alpha = 1
+ALPHA_INITS = ("value", "random")                        # learned alpha starts at attention.alpha | pre_alpha ~ N(0, 1)
+ALPHA_PARAMS = ("scaled_sigmoid", "clamped_sigmoid")     # pre_alpha -> alpha (sparse_detr/models/mappings/entmax.py)
 BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
 DILATED_BACKBONES = ("resnet50", "resnet101")   # DETR's DC5: bottleneck ResNets only
 POSITION_EMBEDDINGS = ("sine", "learned")
@@ -102,6 +104,8 @@ class AttentionConfig:
     name: str = "softmax"
     alpha: float = 1.5                # alpha_entmax: fixed alpha, or the initial one when learned
     learn_alpha: bool = False         # alpha_entmax: one learned alpha per head and layer
+    alpha_init: str = "value"         # learned alpha: start at `alpha` | random (pre_alpha ~ N(0, 1), the thesis)
+    alpha_param: str = "scaled_sigmoid"  # learned alpha: scaled_sigmoid | clamped_sigmoid (the thesis)
     tv_lambda: float = 0.1            # tvmax: weight of the total variation (initial value when learned)
     learn_lambda: bool = False        # tvmax: one learned lambda per head and layer
     impl: str = "fast"                # fast | eager | reference (the entmax package)
@@ -109,8 +113,10 @@ class AttentionConfig:
     def __post_init__(self):
         check_choice("attention.name", self.name, MAPPING_NAMES)
         check_choice("attention.impl", self.impl, MAPPING_IMPLS)
+        check_choice("attention.alpha_init", self.alpha_init, ALPHA_INITS)
+        check_choice("attention.alpha_param", self.alpha_param, ALPHA_PARAMS)
         check_range("attention.alpha", self.alpha, low=1.0, high=2.0, low_open=True)
-        if self.learn_alpha:  # a learned alpha is a sigmoid into (ALPHA_FLOOR, 2): it never reaches its ends
+        if self.learn_alpha and self.alpha_init == "value":  # a learned alpha is a sigmoid into (ALPHA_FLOOR, 2): it never reaches its ends
             check_range("attention.alpha (learned, initial)", self.alpha, low=ALPHA_FLOOR, high=2.0,
                         low_open=True, high_open=True)
         check_range("attention.tv_lambda", self.tv_lambda, low=0.0, low_open=True)
@@ -202,11 +208,14 @@ class ClusterConfig:
     """Where the run executes. The scheduler's settings live in `hydra.launcher` (see conf/cluster/);
     this is what the training process itself needs to know."""
     name: str = "local"
+    gpus_per_node: Optional[int] = None  # one task each; the berzelius and rpl profiles ask for this many (set there)
     preempt_signals: List[str] = field(default_factory=lambda: ["USR2"])  # checkpoint, then requeue
 
     def __post_init__(self):
         from sparse_detr.engine.preemption import signal_names  # no torch import
 
+        if self.gpus_per_node is not None:
+            check_range("cluster.gpus_per_node", self.gpus_per_node, low=1)
         for name in self.preempt_signals:
             check_choice("cluster.preempt_signals", name, signal_names())
 

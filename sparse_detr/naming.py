@@ -45,8 +45,9 @@ PLACEMENT_OF_SITES = {
     frozenset(SITES): "all",
 }
 # `attention.*` keys that only one mapping reads: they name a run only when that mapping runs somewhere
-MAPPING_PARAMETERS = {"attention.alpha": "alpha_entmax", "attention.learn_alpha": "alpha_entmax",
-                      "attention.tv_lambda": "tvmax", "attention.learn_lambda": "tvmax"}
+MAPPING_PARAMETERS = {**{key: "alpha_entmax" for key in ("attention.alpha", "attention.learn_alpha",
+                                                        "attention.alpha_init", "attention.alpha_param")},
+                      **{key: "tvmax" for key in ("attention.tv_lambda", "attention.learn_lambda")}}
 # said by the `<attention>-<placement>` head itself
 HEAD_KEYS = ("attention", "attention.name", "placement")
 # where a run logs or runs, never what it trains

@@ -11,6 +11,7 @@ Writes into `output_dir` (default `<sweep_dir>/report`, else `./report`): report
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -19,6 +20,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from sparse_detr.analysis.tables import cell
 from sparse_detr.config import ConfigError, check_choice, check_range, config_dir, reports_config_errors, validate
 from sparse_detr.sites import SITES
 
@@ -38,6 +40,9 @@ class ReportConfig:
     curves: List[str] = field(default_factory=lambda: list(DEFAULT_CURVES))  # metrics.jsonl keys to plot
     formats: List[str] = field(default_factory=lambda: ["png", "pdf"])
     dpi: int = 100
+    # the cross-attention of one object of one validation image, a column per variant (needs checkpoints)
+    attention_image: Optional[int] = None   # None: no such figure
+    attention_object: int = 0               # index of the ground-truth object in that image
 
     def __post_init__(self):
         from sparse_detr.analysis.run_folders import axis_of
@@ -65,16 +70,12 @@ class ReportConfig:
         for fmt in self.formats:
             check_choice("formats[]", fmt, FORMATS)
         check_range("dpi", self.dpi, low=10)
+        if self.attention_image is not None:
+            check_range("attention_image", self.attention_image, low=0)
+        check_range("attention_object", self.attention_object, low=0)
 
 
 ConfigStore.instance().store(name="report_schema", node=ReportConfig)
-
-
-def cell(mean: float, std: float, digits: int = 3) -> str:
-    """`mean ± std`, `mean` for one run, an en dash for no value."""
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def duration(mean: float, std: float) -> str:
@@ -88,10 +89,13 @@ def report(cfg: DictConfig) -> Path:
     """Validate, collect every run folder, write the table, the CSVs and the figures; returns the folder."""
     args: ReportConfig = validate(cfg)
     from sparse_detr.analysis.run_folders import find_run_folders, read_metrics_log
-    from sparse_detr.analysis.sweep_table import (TIME_COLUMN, VARIANT_COLUMNS, aggregate, run_record,
-                                                  sparsity_columns)
+    from sparse_detr.analysis.sweep_table import (CODE_COLUMN, TIME_COLUMN, VARIANT_COLUMNS, aggregate, mixed_code,
+                                                  run_record, sparsity_columns)
+    from sparse_detr.analysis.report_sections import (alpha_markdown, alpha_tables, baseline_comparison,
+                                                      class_ap_columns, class_ap_markdown, class_ap_table,
+                                                      comparison_markdown, init_reference_markdown)
     from sparse_detr.analysis.tables import markdown_table, write_csv
-    from sparse_detr.tracking import SPARSITY
+    from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY
 
     sources = [path for path in [args.sweep_dir, *args.runs] if path]
     folders = find_run_folders(sources)
@@ -103,13 +107,26 @@ def report(cfg: DictConfig) -> Path:
 
     records, logs = [], []
     for folder in folders:
-        logs.append(read_metrics_log(folder, prefixes=[SPARSITY + "/", *args.curves]))
+        logs.append(read_metrics_log(folder, prefixes=[SPARSITY + "/", ALPHA + "/", PAIBB + "/", *args.curves]))
         records.append(run_record(folder, args.metrics, args.sparsity_metrics, args.variant_keys, logs[-1]))
-    variants = aggregate(records, value_columns, variant_columns)
-    write_csv(out / "runs.csv", records, ["run", "seed", *variant_columns, "sparsity_from", *value_columns])
+    variants = aggregate(records, [*value_columns, *class_ap_columns(records)], variant_columns)
+    comparison = baseline_comparison(records, variants, variant_columns, args.metrics[0])
+    alphas = alpha_tables(records, variant_columns)
+    write_csv(out / "runs.csv", records, ["run", "seed", *variant_columns, "sparsity_from", *value_columns, CODE_COLUMN])
     write_csv(out / "report.csv", variants,
-              [*variant_columns, "runs", "seeds", *(c for v in value_columns for c in (v, f"{v}_std"))])
+              [*variant_columns, "runs", "seeds", *(c for v in value_columns for c in (v, f"{v}_std")), CODE_COLUMN])
+    write_csv(out / "comparison.csv", comparison,
+              [*variant_columns, "seeds", args.metrics[0], f"{args.metrics[0]}_std", "delta", "delta_std",
+               "paired_seeds", "noise", "verdict"])
+    class_headers, class_rows = class_ap_table(variants, variant_columns)
+    write_csv(out / "per_class_AP.csv", [dict(zip(class_headers, row)) for row in class_rows], class_headers)
+    write_csv(out / "alphas.csv", [{"variant": t["variant"], "site": site, "layer": layer, "head": head, "alpha": a}
+                                   for t in alphas for (site, layer), heads in t["grid"].items()
+                                   for head, a in enumerate(heads)], ["variant", "site", "layer", "head", "alpha"])
     figures = report_figures(args, variants, records, logs, variant_columns, out / "figures")
+    figures += alpha_heatmaps(args, alphas, out / "figures")
+    if args.attention_image is not None:
+        figures += attention_columns(args, records, variant_columns, out / "figures")
 
     scores = [*args.metrics, *sparsity_columns(args.sparsity_metrics)]
     table = markdown_table(
@@ -123,9 +140,19 @@ def report(cfg: DictConfig) -> Path:
         "Values are mean ± sample std over the runs (seeds) of a variant; COCO metrics from each run's "
         "final evaluation (eval_metrics.json).",
         f"Sparsity (mean over layers and heads per site): from `analysis/` for {from_analysis} runs, from the last "
-        f"evaluation logged in metrics.jsonl for the others (no PAIBB there).", "",
+        f"evaluation logged in metrics.jsonl for the others (PAIBB: last decoder layer, all objects, head mean).", "",
+        *comparison_markdown(comparison, variant_columns, sparsity_columns(args.sparsity_metrics), variants,
+                             args.metrics[0]),
+        "## Every metric", "",
         table, "",
     ]
+    flagged = mixed_code(variants, variant_columns)
+    if flagged:
+        lines += ["**Code differs within a variant.** These variants' runs were not all trained by one clean "
+                  "commit (`provenance.json` of each run; `+dirty`: uncommitted changes, `unknown`: no git "
+                  "record), so their spread is not only the seeds':", "", *flagged, ""]
+    lines += [*init_reference_markdown(records, variants, variant_columns, sparsity_columns(args.sparsity_metrics)),
+              *class_ap_markdown(variants, variant_columns), *alpha_markdown(alphas)]
     lines += [f"![{path.stem}]({path.relative_to(out)})" for path in figures if path.suffix == ".png"]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(table)
@@ -152,6 +179,44 @@ def report_figures(args: ReportConfig, variants, records, logs, variant_columns,
         colors = {label(v): f"C{i % 10}" for i, v in enumerate(variants)}
         runs = [(f"{label(r)} (seed {r['seed']})", colors[label(r)], log) for r, log in zip(records, logs)]
         paths += save_figure(training_curves_figure(runs, args.curves), out / "training_curves", args.formats, args.dpi)
+    return paths
+
+
+def attention_columns(args: ReportConfig, records, variant_columns, out: Path) -> list[Path]:
+    """`cross_attention_image_<i>_object_<j>`: a column per variant (its lowest-seed run with a
+    checkpoint; variants without one are left out), a row per decoder layer."""
+    from sparse_detr.analysis.variant_attention import object_attention
+    from sparse_detr.engine.checkpoint import CHECKPOINT_NAME
+    from sparse_detr.viz import save_figure
+    from sparse_detr.viz.attention_maps import variant_attention_figure
+
+    chosen: dict[tuple, dict] = {}
+    for record in sorted(records, key=lambda r: str(r["seed"])):
+        if (Path(record["run"]) / CHECKPOINT_NAME).is_file():
+            chosen.setdefault(tuple(record[c] for c in variant_columns), record)
+    if not chosen:
+        return []
+    columns, picture, box = [], None, None
+    for key, record in sorted(chosen.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        shown, object_box, maps = object_attention(record["run"], args.attention_image, args.attention_object)
+        picture, box = (shown, object_box) if picture is None else (picture, box)
+        columns.append((f"{' · '.join(map(str, key))} (seed {record['seed']})", maps))
+    title = f"validation image {args.attention_image}, object {args.attention_object}: head-averaged cross-attention"
+    return save_figure(variant_attention_figure(picture, box, columns, title),
+                       out / f"cross_attention_image_{args.attention_image}_object_{args.attention_object}",
+                       args.formats, args.dpi)
+
+
+def alpha_heatmaps(args: ReportConfig, tables: list[dict], out: Path) -> list[Path]:
+    """`alphas_<variant>`: the learned alpha of every layer and head (mean over seeds), per variant."""
+    from sparse_detr.viz import save_figure
+    from sparse_detr.viz.alphas import alpha_grids, alpha_heatmap_figure
+
+    paths = []
+    for table in tables:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", table["variant"]).strip("_")
+        paths += save_figure(alpha_heatmap_figure(alpha_grids(table["mean"])), out / f"alphas_{stem}",
+                             args.formats, args.dpi)
     return paths
 
 

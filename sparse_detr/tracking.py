@@ -54,6 +54,7 @@ TRAIN_EPOCH_MAIN = "train-epoch-main-metrics"
 VAL_EPOCH = "val-epoch-metrics"
 ALPHA = "alpha"
 SPARSITY = "sparsity"
+PAIBB = "paibb"       # by object size, every validation pass (sparse_detr/metrics/paibb_sizes.py)
 
 # metric group -> the step metric its series are charted against
 STEP_METRICS = {
@@ -62,6 +63,7 @@ STEP_METRICS = {
     TRAIN_EXTRA: STEP_METRIC,
     ALPHA: STEP_METRIC,
     SPARSITY: STEP_METRIC,
+    PAIBB: STEP_METRIC,
     TRAIN_EPOCH_MAIN: EPOCH_METRIC,
     VAL_EPOCH: EPOCH_METRIC,
 }

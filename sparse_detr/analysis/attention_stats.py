@@ -14,18 +14,25 @@ from torch.utils.data import DataLoader, Subset
 from sparse_detr.sites import SITES
 from sparse_detr.data.collate import collate
 from sparse_detr.engine.loop import to_device
+from sparse_detr.engine.trained_model import TrainedModel
 from sparse_detr.metrics.coco_eval import CocoEvaluator
+from sparse_detr.metrics.paibb_sizes import PaibbBySize, matched_pairs
 from sparse_detr.metrics.sparsity import METRICS, SparsityAccumulator, paibb, site_masks
+from sparse_detr.models.detr import build_model
 
 SPARSITY_COLUMNS = ("site", "layer", "head", *METRICS)
 PAIBB_COLUMNS = ("layer", "head", "paibb", "pairs")
+PAIBB_SIZE_COLUMNS = ("size", "layer", "head", "paibb")
 
 
-def matched_pairs(criterion, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per image (matched query ids [M], their ground-truth boxes [M, 4] cxcywh), by the criterion's matcher."""
-    matches = criterion.matcher(outputs, targets)
-    return [(queries, target["boxes"][boxes.to(target["boxes"].device)])
-            for (queries, boxes), target in zip(matches, targets)]
+def initial_model(trained: TrainedModel, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The same model as the run's training started it: built from its config right after seeding
+    torch with the run's seed, as the trainer does (without `init_from` weights). Torch's global
+    random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(trained.cfg.seed)
+        model, _, _ = build_model(trained.cfg)
+    return model.to(device).eval()
 
 
 @dataclass
@@ -35,6 +42,7 @@ class AttentionStats:
     paibb: dict[int, torch.Tensor] = field(default_factory=dict)  # decoder layer -> per pair and head [N, heads]
     coco: dict[str, float] = field(default_factory=dict)
     num_images: int = 0
+    paibb_by_size: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (size, layer) -> [heads]
 
 
 @torch.no_grad()
@@ -52,6 +60,7 @@ def measure(model, criterion, postprocessor, dataset, *, num_images: int | None 
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_category)
     sparsity = SparsityAccumulator(threshold)
     pairs: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    by_size = PaibbBySize()
     model.eval()
     for images, mask, targets in loader:
         images, mask, targets = to_device(images, mask, targets, device)
@@ -65,8 +74,11 @@ def measure(model, criterion, postprocessor, dataset, *, num_images: int | None 
         for layer in layers:
             scores = paibb(outputs["attention"]["cross"][layer], outputs["feature_mask"], matches)
             pairs[layer].append(scores["per_head"])
-    return AttentionStats(sparsity=sparsity.compute(), coco=evaluator.compute(), num_images=count,
-                          paibb={layer: torch.cat(parts) for layer, parts in pairs.items()})
+            by_size.update(layer, outputs["attention"]["cross"][layer], outputs["feature_mask"], matches,
+                           torch.stack([t["orig_size"] for t in targets]))
+    return AttentionStats(sparsity=sparsity.compute(), coco={**evaluator.compute(), **evaluator.class_ap}, num_images=count,
+                          paibb={layer: torch.cat(parts) for layer, parts in pairs.items()},
+                          paibb_by_size=by_size.compute())
 
 
 def sparsity_rows(stats: AttentionStats) -> list[dict]:
@@ -78,6 +90,13 @@ def sparsity_rows(stats: AttentionStats) -> list[dict]:
             values = {name: float(v.mean() if head == "mean" else v[head]) for name, v in metrics.items()}
             rows.append({"site": site, "layer": layer, "head": head, **values})
     return rows
+
+
+def paibb_size_rows(stats: AttentionStats) -> list[dict]:
+    """One row per object size (all, small, medium, large), scored layer and head (and `head = "mean"`)."""
+    return [{"size": size, "layer": layer, "head": head, "paibb": value}
+            for (size, layer), per_head in sorted(stats.paibb_by_size.items())
+            for head, value in [*enumerate(per_head.tolist()), ("mean", float(per_head.nanmean()))]]
 
 
 def paibb_rows(stats: AttentionStats) -> list[dict]:

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
 from sparse_detr.engine.trainer import METRICS_NAME as EVAL_METRICS_NAME
-from sparse_detr.tracking import ALPHA, EPOCH_METRIC, METRICS_FILE, SEGMENT, SPARSITY, STEP_METRIC, STEP_METRICS
+from sparse_detr.tracking import (ALPHA, EPOCH_METRIC, METRICS_FILE, PAIBB, SEGMENT, SPARSITY, STEP_METRIC,
+                                  STEP_METRICS)
 
 ANALYSIS_DIR = "analysis"
 ANALYSIS_NAME = "analysis.json"
@@ -131,6 +132,13 @@ def logged_sparsity(rows: list[dict]) -> dict[tuple[str, int], dict[str, float]]
         site, layer, metric = parse_site_key(key)
         per_layer.setdefault((site, layer), {})[metric] = value
     return per_layer
+
+
+def logged_paibb(rows: list[dict]) -> float | None:
+    """The head-mean PAIBB of all matched objects in the last decoder layer, at the last evaluation
+    that logged PAIBB (what `sparse-detr-analyze` reports by default); None if none did."""
+    means = {parse_site_key(k)[1]: v for k, v in last_logged(rows, f"{PAIBB}/all/").items() if k.endswith("/mean")}
+    return means[max(means)] if means else None
 
 
 def read_json(path: Path) -> dict | None:

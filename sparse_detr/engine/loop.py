@@ -14,6 +14,7 @@ from sparse_detr.engine.progress import Progress
 from sparse_detr.errors import UserError
 from sparse_detr.matching.criterion import total_loss
 from sparse_detr.metrics.coco_eval import CocoEvaluator
+from sparse_detr.metrics.paibb_sizes import PaibbBySize, matched_pairs
 from sparse_detr.metrics.sparsity import SparsityAccumulator, site_masks
 from sparse_detr.tracking import TRAIN, TRAIN_EXTRA, TRAIN_MAIN, alpha_key
 
@@ -192,27 +193,35 @@ def _float(outputs: dict) -> dict:
 
 @torch.no_grad()
 def evaluate(model, postprocessor, loader, evaluator: CocoEvaluator, *, device, loop_cfg,
-             sparsity: SparsityAccumulator | None = None) -> dict[str, float]:
-    """COCO metrics over the loader (rank 0 gets them; others an empty dict); attention sparsity
-    per site and layer goes into `sparsity` when given."""
+             sparsity: SparsityAccumulator | None = None, paibb: PaibbBySize | None = None,
+             criterion=None) -> dict[str, float]:
+    """COCO metrics over the loader, then per-class AP (`AP_class/<name>`); rank 0 gets them, others
+    an empty dict. Attention sparsity per site and layer goes into `sparsity` when given, and the
+    PAIBB of every decoder layer by object size into `paibb` (the queries matched by `criterion`)."""
     model.eval()
     progress = Progress(len(loader), "eval", loop_cfg.progress)
     for images, mask, targets in loader:
         images, mask, targets = to_device(images, mask, targets, device)
         with autocast(device, loop_cfg.amp):
-            outputs = model(images, mask, return_attention=sparsity is not None)
+            outputs = model(images, mask, return_attention=sparsity is not None or paibb is not None)
         sizes = torch.stack([t["orig_size"] for t in targets])
-        results = postprocessor(_float(outputs), sizes)
+        predictions = _float({key: outputs[key] for key in ("pred_logits", "pred_boxes")})
+        results = postprocessor(predictions, sizes)
         evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
         if sparsity is not None:
             for site, layers in outputs["attention"].items():
                 for layer, weights in enumerate(layers):
                     sparsity.update(site, layer, weights.float(), *site_masks(site, outputs["feature_mask"]))
+        if paibb is not None:
+            matches = matched_pairs(criterion, predictions, targets)
+            for layer, weights in enumerate(outputs["attention"]["cross"]):
+                paibb.update(layer, weights, outputs["feature_mask"], matches, sizes)
         progress.update()
     progress.close()
     evaluator.synchronize()
-    if sparsity is not None:
-        sparsity.synchronize()
+    for accumulator in (sparsity, paibb):
+        if accumulator is not None:
+            accumulator.synchronize()
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return {}
-    return evaluator.compute()
+    return {**evaluator.compute(), **evaluator.class_ap}

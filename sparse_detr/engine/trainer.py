@@ -21,9 +21,12 @@ from sparse_detr.engine.preemption import PreemptionGuard
 from sparse_detr.errors import ConfigError
 from sparse_detr.engine.sampling import EpochSampler, SeededSamples
 from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
+from sparse_detr.metrics.paibb_sizes import PaibbBySize, paibb_metrics
 from sparse_detr.metrics.sparsity import SparsityAccumulator
 from sparse_detr.models.detr import build_model
 from sparse_detr.models.detr_checkpoint import model_state_dict, read_checkpoint
+from sparse_detr.provenance import collect as collect_provenance
+from sparse_detr.provenance import record_provenance
 from sparse_detr.tracking import SPARSITY, TRAIN_EPOCH_MAIN, VAL_EPOCH, build_tracker
 
 log = logging.getLogger(__name__)
@@ -43,10 +46,14 @@ def mapping_state_keys(model) -> set[str]:
             for key in module.state_dict()}
 
 
+PRE_NORM_ENCODER_NORM = "transformer.encoder.norm."   # only pre-norm transformers have it
+
+
 def init_from_weights(model, path: str) -> None:
-    """Model weights only, for fine-tuning. A class head of another size is left re-initialised, and
+    """Model weights only, for fine-tuning. A class head of another size is left re-initialised,
     mapping parameters the checkpoint lacks (softmax or official DETR weights into a learned
-    alpha-entmax model) keep their configured initial values; any other missing or extra key is an error."""
+    alpha-entmax model) keep their configured initial values, and so does a pre-norm model's final
+    encoder norm (official DETR weights are post-norm); any other missing or extra key is an error."""
     weights = model_state_dict(read_checkpoint(path))
     own = model.state_dict()
     head = ("class_embed.weight", "class_embed.bias")
@@ -60,7 +67,15 @@ def init_from_weights(model, path: str) -> None:
     if new_mapping_keys:
         log.info("init_from: %d attention mapping parameters not in the checkpoint keep their initial values "
                  "(%s, ...)", len(new_mapping_keys), new_mapping_keys[0])
-    missing = [k for k in missing if (k not in head or k in weights) and k not in new_mapping_keys]
+    # DETR's published weights are post-norm: a pre-norm model (the thesis recipes) has a final encoder
+    # LayerNorm they lack, which keeps its identity initialisation.
+    encoder_norm = [k for k in missing if k.startswith(PRE_NORM_ENCODER_NORM)]
+    if encoder_norm:
+        log.warning("init_from: the checkpoint has no %s* (post-norm weights into a pre-norm model); it starts "
+                    "as the identity, and fine-tuning starts from a different function than the checkpoint's",
+                    PRE_NORM_ENCODER_NORM)
+    missing = [k for k in missing if (k not in head or k in weights) and k not in new_mapping_keys
+               and k not in encoder_norm]
     if missing or unexpected:
         raise ValueError(f"init_from={path!r} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -103,7 +118,11 @@ class Trainer:
         if self.ctx.enabled:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.tracker = build_tracker(cfg.logger, self.run_dir, OmegaConf.to_container(cfg, resolve=True),
+        provenance = collect_provenance()
+        if self.ctx.is_main:
+            record_provenance(self.run_dir, provenance)
+        self.tracker = build_tracker(cfg.logger, self.run_dir,
+                                     {**OmegaConf.to_container(cfg, resolve=True), "provenance": provenance},
                                      run_id=self.tracker_run_id, rank=self.ctx.rank)
         # SLURM's warning before the time limit (or a preemption): checkpoint after the step, then requeue.
         self.preemption = PreemptionGuard(cfg.cluster.preempt_signals).install()
@@ -183,14 +202,15 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         loader = make_loader(self.val_set, self.cfg.data.batch_size, self.cfg.data.num_workers, self.val_sampler, False)
         evaluator = CocoEvaluator(self.val_set.coco, self.val_set.label_to_category)
-        sparsity = SparsityAccumulator()
+        sparsity, paibb = SparsityAccumulator(), PaibbBySize()
         metrics = evaluate(self.network, self.postprocessor, loader, evaluator, device=self.ctx.device,
-                           loop_cfg=self.cfg.train, sparsity=sparsity)
+                           loop_cfg=self.cfg.train, sparsity=sparsity, paibb=paibb, criterion=self.criterion)
         if self.ctx.is_main:
             write_metrics_json({**metrics, "epoch": self.state.epoch, "global_step": self.state.global_step},
                                self.run_dir / METRICS_NAME)
             self.tracker.log_epoch({f"{VAL_EPOCH}/{k}": v for k, v in metrics.items()}, epoch=self.state.epoch)
-            self.tracker.log(sparsity_metrics(sparsity.compute()), step=self.state.global_step)
+            self.tracker.log({**sparsity_metrics(sparsity.compute()), **paibb_metrics(paibb.compute())},
+                             step=self.state.global_step)
         return metrics
 
     def fit(self) -> dict[str, float]:

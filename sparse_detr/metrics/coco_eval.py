@@ -28,6 +28,7 @@ from sparse_detr.atomic_files import write_atomically
 
 # The order of COCOeval.stats after summarize().
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+CLASS_AP = "AP_class"   # per-class AP keys: "AP_class/<category name>"
 
 
 class CocoEvaluator:
@@ -52,6 +53,7 @@ class CocoEvaluator:
         self.label_to_category = None if label_to_category is None else torch.as_tensor(label_to_category)
         self.verbose = verbose
         self.summary = ""  # pycocotools' summary table of the last compute()
+        self.class_ap: dict[str, float] = {}  # "AP_class/<category name>" -> AP of the last compute()
         self._detections: dict[int, np.ndarray] = {}
 
     def update(self, predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
@@ -111,9 +113,23 @@ class CocoEvaluator:
             summary_start = printed.tell()
             coco_eval.summarize()
         self.summary = printed.getvalue()[summary_start:]
+        self.class_ap = self._class_ap(coco_eval)
         if self.verbose:
             print(printed.getvalue(), end="")
         return {name: math.nan if value == -1 else float(value) for name, value in zip(METRIC_NAMES, coco_eval.stats)}
+
+    def _class_ap(self, coco_eval: COCOeval) -> dict[str, float]:
+        """AP@[.5:.95] of each category (all areas, 100 detections), as COCOeval's AP averages it:
+        the mean over IoU thresholds and recall points of the precisions it defines; NaN for a
+        category without ground truth on the scored images. Over categories these average to AP."""
+        precision = coco_eval.eval["precision"]          # [IoU, recall, category, area, max dets]
+        area_all, max_dets_100 = 0, len(coco_eval.params.maxDets) - 1
+        out = {}
+        for k, category in enumerate(coco_eval.params.catIds):
+            values = precision[:, :, k, area_all, max_dets_100]
+            values = values[values > -1]
+            out[f"{CLASS_AP}/{self.coco_gt.cats[category]['name']}"] = float(values.mean()) if values.size else math.nan
+        return out
 
     def _load_results(self, rows: np.ndarray) -> COCO:
         """[N, 7] result rows -> a COCO results object (loadRes itself fails when N = 0)."""

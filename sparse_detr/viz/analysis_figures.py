@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from torchvision.ops import box_convert
 
-from sparse_detr.analysis.attention_stats import AttentionStats, matched_pairs
+from sparse_detr.analysis.attention_stats import AttentionStats
+from sparse_detr.metrics.paibb_sizes import matched_pairs
 from sparse_detr.analysis.run_folders import alpha_trajectories, read_metrics_log
 from sparse_detr.data.coco import category_table
 from sparse_detr.engine.trained_model import TrainedModel

@@ -6,6 +6,7 @@ over the whole image (each feature cell is an equal share of the image, as PAIBB
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,4 +82,31 @@ def cross_attention_figure(picture: np.ndarray, maps: np.ndarray, boxes: Boxes =
             ax.set_axis_off()
     if title:
         figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def variant_attention_figure(picture: np.ndarray, box: Sequence[float], columns: Sequence[tuple[str, np.ndarray]],
+                             title: str = "", cell: float = 2.0):
+    """The same object in the same image, one column per variant, one row per decoder layer: the
+    head-averaged cross-attention of the query matched to it, over the image with its box.
+
+    columns: (variant label, maps [layers, h, w]); each map coloured from 0 to its own maximum,
+    exact zeros transparent."""
+    layers = max(maps.shape[0] for _, maps in columns)
+    height, width = picture.shape[:2]
+    figure, axes = new_figure(layers, len(columns), cell=(cell, cell * height / width))
+    for col, (label, maps) in enumerate(columns):
+        for layer in range(layers):
+            ax = axes[layer, col]
+            ax.set_axis_off()
+            if layer >= maps.shape[0]:
+                continue
+            values = maps[layer]
+            ax.imshow(picture)
+            ax.imshow(np.ma.masked_equal(values, 0.0), extent=(0, width, height, 0), cmap="inferno", alpha=0.6,
+                      vmin=0.0, vmax=max(float(values.max()), 1e-12), interpolation="nearest")
+            draw_boxes(ax, [(box, GT_COLOR, "")])
+            ax.set_title(f"{textwrap.fill(label, 30)}\nlayer {layer}" if layer == 0 else f"layer {layer}", fontsize=7)
+    if title:  # wrapped to the figure's width (about 15 characters an inch at this size)
+        figure.suptitle(textwrap.fill(title, max(30, int(15 * cell * len(columns)))), fontsize=8)
     return figure

@@ -82,6 +82,55 @@ def test_analyze_writes_tables_summary_and_figures_with_values_in_range(analyzed
     assert 1 <= len(queries) <= 2
 
 
+def test_analyze_measures_the_initial_model_as_a_reference(analyzed_run):
+    """The reference row: the run's model as its training started it, on the same images; softmax
+    sites have no zeros there either, and one epoch of training changed the cross-attention."""
+    out = analyzed_run / "analysis"
+    result = json.loads((out / "analysis.json").read_text())
+    init = read_csv(out / "sparsity_init.csv")
+    assert [(r["site"], r["layer"], r["head"]) for r in init] == \
+        [(r["site"], str(r["layer"]), str(r["head"])) for r in result["sparsity"]]
+    assert all(float(r["zero_ratio"]) == 0 for r in init if r["site"] != "cross")
+    assert result["init"]["sparsity"] != result["sparsity"]
+    trained = {(r["site"], r["layer"], r["head"]): r["gini"] for r in result["sparsity"]}
+    assert any(abs(r["gini"] - trained[r["site"], r["layer"], r["head"]]) > 1e-4 for r in result["init"]["sparsity"])
+    assert set(result["init"]["summary"]) == {"encoder", "decoder", "cross"}
+    assert "zero_ratio (init)" in (out / "summary.md").read_text()
+
+
+def test_an_untrained_run_is_its_own_initialisation_reference(tmp_path):
+    """Known answer: with a learning rate of 1e-12 one step changes nothing that sparsity can see,
+    so the reference measured from a fresh model with the run's seed equals the trained model's."""
+    run_dir = tmp_path / "still"
+    run([sys.executable, "-m", "sparse_detr.train", *SMOKE, "train.max_steps=1", "optim.lr=1e-12",
+         "optim.lr_backbone=1e-12", "seed=5", f"output_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra"], cwd=tmp_path)
+    sparse_detr.analyze.analyze(load_config([f"checkpoint={run_dir}", "max_images=4", "figures.enabled=false"],
+                                            config_name="analyze"))
+    result = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    for trained, initial in zip(result["sparsity"], result["init"]["sparsity"]):
+        assert (trained["site"], trained["layer"], trained["head"]) == (initial["site"], initial["layer"], initial["head"])
+        for metric in ("zero_ratio", "gini", "entropy"):
+            assert initial[metric] == pytest.approx(trained[metric], rel=1e-4, abs=1e-6), (trained, metric)
+
+
+def test_every_validation_logs_paibb_by_size_and_agrees_with_the_analysis(analyzed_run):
+    """Training's own PAIBB (every decoder layer, per size and head) of its last evaluation equals what
+    sparse-detr-analyze measures on the same images with the same weights (last layer, head mean)."""
+    log = read_metrics_log(analyzed_run, prefixes=["paibb/"])
+    keys = {key for row in log for key in row if key.startswith("paibb/")}
+    assert {f"paibb/all/layer_{l}/{name}" for l in range(2) for name in ("mean", "head_0", "head_3")} <= keys
+    assert {key.split("/")[1] for key in keys} <= {"all", "small", "medium", "large"} and len(
+        {key.split("/")[1] for key in keys}) >= 2
+    last = series(log, "paibb/all/layer_1/mean")[1][-1]
+    analysis = json.loads((analyzed_run / "analysis" / "analysis.json").read_text())
+    assert last == pytest.approx(analysis["summary"]["cross"]["paibb"], rel=1e-5)
+    # and analyze's own table by size holds the same numbers as the log, size by size
+    by_size = {(r["size"], r["head"]): float(r["paibb"]) for r in read_csv(analyzed_run / "analysis" / "paibb_by_size.csv")}
+    logged = {(key.split("/")[1], key.split("/")[3].removeprefix("head_")): series(log, key)[1][-1]
+              for key in keys if "/layer_1/" in key}
+    assert by_size == pytest.approx(logged, rel=1e-5, nan_ok=True)
+
+
 def test_analyze_reproduces_the_training_evaluation(analyzed_run):
     """Same weights, images and batches as the run's last evaluation: same AP and sparsity."""
     result = json.loads((analyzed_run / "analysis" / "analysis.json").read_text())
@@ -162,6 +211,10 @@ def test_report_table_aggregates_seeds_per_variant(sweep, tmp_path):
     assert len(read_csv(out / "runs.csv")) == 4
     table = (out / "report.md").read_text()
     assert "| sparsemax | cross | resnet50 | coco | 2 | 0.320 ± 0.028 | 0.520 ± 0.028 |" in table
+    # first table: against the softmax baseline, paired by seed (0.30-0.28, 0.34-0.29)
+    first = table.index("| attention | placement | backbone | data | seeds | AP | ΔAP vs softmax")
+    assert first < table.index("## Every metric")
+    assert "| sparsemax | cross | resnet50 | coco | 1;2 | 0.320 ± 0.028 | 0.035 ± 0.021 (n=2) | 0.028 | above |" in table
     assert "60.0 ± 0.0 min" in table and "![training_curves](figures/training_curves.png)" in table
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"AP_vs_zero_ratio.png", "AP_vs_zero_ratio.pdf", "training_curves.png"} <= figures
@@ -169,8 +222,8 @@ def test_report_table_aggregates_seeds_per_variant(sweep, tmp_path):
 
 def test_report_end_to_end_reads_the_analysis_of_a_real_run(analyzed_run, sweep, tmp_path):
     out = sparse_detr.report.report(load_config(
-        [f"sweep_dir={sweep}", f"runs=[{analyzed_run}]", f"output_dir={tmp_path / 'report'}", "formats=[png]"],
-        config_name="report"))
+        [f"sweep_dir={sweep}", f"runs=[{analyzed_run}]", f"output_dir={tmp_path / 'report'}", "formats=[png]",
+         "attention_image=0"], config_name="report"))
     runs = {Path(r["run"]).name: r for r in read_csv(out / "runs.csv")}
     real = runs["alpha_cross"]
     analysis = json.loads((analyzed_run / "analysis" / "analysis.json").read_text())
@@ -179,6 +232,26 @@ def test_report_end_to_end_reads_the_analysis_of_a_real_run(analyzed_run, sweep,
     assert float(real["AP"]) == pytest.approx(json.loads((analyzed_run / "eval_metrics.json").read_text())["AP"])
     assert float(real["train_time_s"]) > 0
     assert len(read_csv(out / "report.csv")) == 3
+    # the learned alphas of the real run: its 2 layers x 4 heads, as the analysis read them off the model
+    alphas = {(r["layer"], r["head"]): float(r["alpha"]) for r in read_csv(out / "alphas.csv")}
+    assert alphas == pytest.approx({(str(l), str(h)): analysis["alphas"][f"alpha/cross/layer_{l}/head_{h}"]
+                                    for l in range(2) for h in range(4)})
+    text = (out / "report.md").read_text()
+    assert "![cross_attention_image_0_object_0](figures/cross_attention_image_0_object_0.png)" in text
+    assert (out / "figures" / "cross_attention_image_0_object_0.png").stat().st_size > 0
+    assert "## Sparsity at initialisation" in text
+    assert "| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | at initialisation | " in text
+    assert "![alphas_alpha_entmax_learned_init_1.5_cross_tiny_shapes](figures/alphas_alpha_entmax_learned_init_1.5_cross_tiny_shapes.png)" \
+        in text
+    assert "## Learned alpha" in text and "| alpha_entmax (learned, init 1.5) · cross · tiny · shapes | 8 |" in text
+    # per-class AP of the real run's final evaluation, one row per shapes class
+    eval_metrics = json.loads((analyzed_run / "eval_metrics.json").read_text())
+    classes = {k.split("/", 1)[1]: v for k, v in eval_metrics.items() if k.startswith("AP_class/")}
+    num_categories = OmegaConf.load(analyzed_run / "config.yaml").data.num_categories
+    assert len(classes) == num_categories and "## AP per class" in text
+    per_class = {row["class"]: row for row in read_csv(out / "per_class_AP.csv")}
+    column = "alpha_entmax (learned, init 1.5) · cross · tiny · shapes"
+    assert {name: float(row[column]) for name, row in per_class.items()} == pytest.approx(classes, nan_ok=True)
 
 
 def test_report_cli_rejects_bad_inputs_naming_the_value(tmp_path):
@@ -192,3 +265,33 @@ def test_report_cli_rejects_bad_inputs_naming_the_value(tmp_path):
             sparse_detr.report.report(load_config(overrides, config_name="report"))
     with pytest.raises(ConfigError, match="no run folders"):
         sparse_detr.report.report(load_config([f"sweep_dir={tmp_path}"], config_name="report"))
+
+
+def test_report_flags_the_variant_whose_seeds_came_from_different_commits(sweep, tmp_path):
+    from sparse_detr.provenance import record_provenance
+
+    clean = {"git_dirty": False, "python": "3.11.9", "torch": "2.14.1", "cuda": None, "host": "n1"}
+    for run_dir, commit in [("softmax/seed1", "a" * 40), ("sparsemax_none/seed2", "a" * 40),
+                            ("sparsemax_cross/seed1", "a" * 40), ("sparsemax_cross/seed2", "b" * 40)]:
+        record_provenance(sweep / run_dir, {**clean, "git_commit": commit})
+    out = sparse_detr.report.report(load_config([f"sweep_dir={sweep}", f"output_dir={tmp_path / 'report'}",
+                                                 "formats=[png]", "curves=[]"], config_name="report"))
+    variants = {v["attention"]: v for v in read_csv(out / "report.csv")}
+    assert variants["softmax"]["code"] == "a" * 40 and variants["sparsemax"]["code"] == f"{'a' * 40};{'b' * 40}"
+    text = (out / "report.md").read_text()
+    assert "Code differs within a variant" in text
+    assert f"- sparsemax · cross · resnet50 · coco: {'a' * 12}, {'b' * 12}" in text and "- softmax" not in text
+
+
+def test_one_objects_attention_is_the_head_average_of_its_matched_query(analyzed_run):
+    import numpy as np
+
+    from sparse_detr.analysis.variant_attention import object_attention
+
+    picture, box, maps = object_attention(analyzed_run, 0, 0)
+    height, width = picture.shape[:2]
+    assert maps.shape[0] == 2 and maps.min() >= 0
+    np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-5)   # a distribution over the image's cells
+    assert 0 <= box[0] < box[2] <= width + 1e-3 and 0 <= box[1] < box[3] <= height + 1e-3
+    with pytest.raises(ConfigError, match="attention_object=99 is out of range"):
+        object_attention(analyzed_run, 0, 99)

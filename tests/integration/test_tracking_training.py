@@ -1,11 +1,15 @@
 """A real training run logged to W&B offline, killed off at a step limit and resumed."""
 import json
 import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
+import torch
 from wandb_reader import read_wandb_run
 
+import sparse_detr
 from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
 
 
@@ -44,3 +48,14 @@ def test_resumed_training_continues_the_same_wandb_run_and_global_step(tmp_path)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     jsonl_steps = [line["global_step"] for line in lines if "global_step" in line and "train-main-metrics/loss" in line]
     assert jsonl_steps == list(range(1, 9))
+
+    # provenance: both starts recorded in the run folder, and each in its W&B segment's config
+    source = Path(sparse_detr.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True)
+    commit = head.stdout.strip() if head.returncode == 0 and (source / ".git").exists() else None
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert len(provenance["earlier"]) == 1
+    for start in (provenance, provenance["earlier"][0], *(run["config"]["provenance"] for run in runs)):
+        assert start["git_commit"] == commit and isinstance(start["git_dirty"], bool) == (commit is not None)
+        assert start["python"] == platform.python_version() and start["torch"] == torch.__version__
+        assert start["cuda"] == torch.version.cuda and start["host"]

@@ -143,3 +143,34 @@ def test_synchronize_gathers_all_ranks(annotation_file, tmp_path):
         _distributed_worker, args=(2, tmp_path / "init", annotation_file, results), nprocs=2, join=True
     )
     assert results.get() == pytest.approx(expected)
+
+
+def test_per_class_ap_is_known_for_each_class_and_averages_to_ap(annotation_file):
+    evaluator = CocoEvaluator(annotation_file, label_to_category=CATEGORY_IDS)
+    predictions = ground_truth_as_predictions()
+    for output in predictions.values():  # class3 found perfectly, class7 never, class12 boxes shifted off
+        keep = output["labels"] != 1
+        for key in output:
+            output[key] = output[key][keep]
+        output["boxes"][output["labels"] == 2] += 1000.0
+    evaluator.update(predictions)
+    metrics = evaluator.compute()
+    assert evaluator.class_ap == pytest.approx({"AP_class/class3": 1.0, "AP_class/class7": 0.0,
+                                                "AP_class/class12": 0.0})
+    assert metrics["AP"] == pytest.approx(sum(evaluator.class_ap.values()) / 3)
+    ranked = CocoEvaluator(annotation_file, label_to_category=CATEGORY_IDS)
+    generator = torch.Generator().manual_seed(1)
+    noisy = ground_truth_as_predictions()
+    for output in noisy.values():   # jittered boxes: every class between 0 and 1
+        output["boxes"] += torch.randn(output["boxes"].shape, generator=generator) * 6
+    ranked.update(noisy)
+    ap = ranked.compute()["AP"]
+    assert 0 < ap < 1 and ap == pytest.approx(sum(ranked.class_ap.values()) / 3)
+
+
+def test_a_class_without_ground_truth_on_the_scored_images_has_nan_ap(annotation_file):
+    evaluator = CocoEvaluator(annotation_file, label_to_category=CATEGORY_IDS)
+    evaluator.update(ground_truth_as_predictions([4]))
+    evaluator.compute()
+    assert set(evaluator.class_ap) == {"AP_class/class3", "AP_class/class7", "AP_class/class12"}
+    assert all(math.isnan(v) for v in evaluator.class_ap.values())

@@ -15,6 +15,7 @@ import entmax
 import torch
 from torch import nn
 
+from sparse_detr.config import ALPHA_INITS, ALPHA_PARAMS
 from sparse_detr.models.mappings.base import ALPHA_FLOOR, AttentionMapping, config_value, register_mapping
 from sparse_detr.models.sparse_solver import ALPHA_ENTMAX, ENTMAX15, SPARSEMAX, ThresholdSolver
 
@@ -79,30 +80,62 @@ def _bisect_reference(x: torch.Tensor, alpha) -> torch.Tensor:
     return entmax.entmax_bisect(_finite_fill(x, alpha), alpha, dim=-1, n_iter=n_iter)
 
 
+def _scaled_sigmoid(pre_alpha: torch.Tensor) -> torch.Tensor:
+    """ALPHA_FLOOR + (2 - ALPHA_FLOOR) * sigmoid: every value of pre_alpha is a valid alpha with
+    a nonzero gradient."""
+    return ALPHA_FLOOR + (2.0 - ALPHA_FLOOR) * torch.sigmoid(pre_alpha)
+
+
+def _clamped_sigmoid(pre_alpha: torch.Tensor) -> torch.Tensor:
+    """The thesis's clamp(1 + sigmoid, ALPHA_FLOOR, 2): below pre_alpha ~ -4.6 alpha sticks at the
+    floor with a zero gradient."""
+    return torch.clamp(1.0 + torch.sigmoid(pre_alpha), min=ALPHA_FLOOR, max=2.0)
+
+
+# attention.alpha_param -> (pre_alpha -> alpha, the pre_alpha of a given alpha in (ALPHA_FLOOR, 2))
+ALPHA_PARAMETRISATIONS = {
+    "scaled_sigmoid": (_scaled_sigmoid, lambda a: math.log((a - ALPHA_FLOOR) / (2.0 - a))),
+    "clamped_sigmoid": (_clamped_sigmoid, lambda a: math.log((a - 1.0) / (2.0 - a))),
+}
+
+
 @register_mapping
 class AlphaEntmax(AttentionMapping):
     """alpha-entmax (Correia et al. 2019), alpha in (1, 2]; fixed, or learned per head.
 
-    Learned: alpha = ALPHA_FLOOR + (2 - ALPHA_FLOOR) * sigmoid(pre_alpha), pre_alpha [num_heads],
-    so alpha stays strictly above 1 (where entmax degenerates) whatever the optimiser does."""
+    Learned: one pre_alpha per head, alpha = f(pre_alpha) in [ALPHA_FLOOR, 2) whatever the
+    optimiser does (entmax degenerates at alpha = 1). f is `alpha_param`: "scaled_sigmoid"
+    (ALPHA_FLOOR + (2 - ALPHA_FLOOR) sigmoid) or the thesis's "clamped_sigmoid"
+    (clamp(1 + sigmoid, ALPHA_FLOOR, 2)). `alpha_init`: "value" starts every head at `alpha`,
+    "random" draws pre_alpha from a standard normal with torch's global generator (the trainer
+    seeds it with the run's seed before building the model), as the thesis did."""
     name, solver = "alpha_entmax", ALPHA_ENTMAX
 
-    def __init__(self, alpha: float = 1.5, *, learn_alpha: bool = False, num_heads: int | None = None, impl: str = "fast"):
+    def __init__(self, alpha: float = 1.5, *, learn_alpha: bool = False, num_heads: int | None = None,
+                 impl: str = "fast", alpha_init: str = "value", alpha_param: str = "scaled_sigmoid"):
         super().__init__()
         alpha = float(alpha)
         if not 1.0 < alpha <= 2.0:
             raise ValueError(f"alpha must be in (1, 2], got {alpha}")
+        if alpha_param not in ALPHA_PARAMS:
+            raise ValueError(f"unknown alpha_param {alpha_param!r}; valid: {', '.join(ALPHA_PARAMS)}")
+        if alpha_init not in ALPHA_INITS:
+            raise ValueError(f"unknown alpha_init {alpha_init!r}; valid: {', '.join(ALPHA_INITS)}")
         self.impl = impl
         self.learn_alpha = learn_alpha
         if learn_alpha:
             if num_heads is None:
                 raise ValueError("learn_alpha=True needs num_heads (one alpha per head)")
-            if not ALPHA_FLOOR < alpha < 2.0:
-                raise ValueError(
-                    f"a learned alpha must start in ({ALPHA_FLOOR}, 2) (sigmoid parametrisation), got {alpha}"
-                )
-            s = (alpha - ALPHA_FLOOR) / (2.0 - ALPHA_FLOOR)
-            self.pre_alpha = nn.Parameter(torch.full((num_heads,), math.log(s / (1 - s))))
+            self.alpha_param, self.alpha_init = alpha_param, alpha_init
+            self._alpha_of, pre_alpha_of = ALPHA_PARAMETRISATIONS[alpha_param]
+            if alpha_init == "random":
+                self.pre_alpha = nn.Parameter(torch.randn(num_heads))
+            else:
+                if not ALPHA_FLOOR < alpha < 2.0:
+                    raise ValueError(
+                        f"a learned alpha must start in ({ALPHA_FLOOR}, 2) (sigmoid parametrisation), got {alpha}"
+                    )
+                self.pre_alpha = nn.Parameter(torch.full((num_heads,), pre_alpha_of(alpha)))
         else:
             self.fixed_alpha = alpha
         self._rows = _rows_function(self.solver, impl, _bisect_reference)
@@ -110,13 +143,15 @@ class AlphaEntmax(AttentionMapping):
     @classmethod
     def from_config(cls, attention_cfg, num_heads):
         return cls(config_value(attention_cfg, "alpha", 1.5), learn_alpha=config_value(attention_cfg, "learn_alpha", False),
-                   num_heads=num_heads, impl=config_value(attention_cfg, "impl", "fast"))
+                   num_heads=num_heads, impl=config_value(attention_cfg, "impl", "fast"),
+                   alpha_init=config_value(attention_cfg, "alpha_init", "value"),
+                   alpha_param=config_value(attention_cfg, "alpha_param", "scaled_sigmoid"))
 
     @property
     def alpha(self) -> torch.Tensor:
         """Current alpha: [num_heads] if learned (differentiable), else a scalar tensor."""
         if self.learn_alpha:
-            return ALPHA_FLOOR + (2.0 - ALPHA_FLOOR) * torch.sigmoid(self.pre_alpha)
+            return self._alpha_of(self.pre_alpha)
         return torch.tensor(self.fixed_alpha)
 
     def _map(self, x):
@@ -124,4 +159,5 @@ class AlphaEntmax(AttentionMapping):
         return self._rows(x, self.alpha.to(x.dtype).view(1, -1, 1, 1) if self.learn_alpha else self.fixed_alpha)
 
     def extra_repr(self):
-        return f"learn_alpha={self.learn_alpha}, impl={self.impl}"
+        learned = f", alpha_init={self.alpha_init}, alpha_param={self.alpha_param}" if self.learn_alpha else ""
+        return f"learn_alpha={self.learn_alpha}{learned}, impl={self.impl}"
