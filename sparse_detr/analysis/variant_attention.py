@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert
 
-from sparse_detr.analysis.attention_stats import load_trained_model
+from sparse_detr.engine.trained_model import load_trained_model
 from sparse_detr.config import checkpoint_file
 from sparse_detr.data import evaluation_dataset
 from sparse_detr.errors import ConfigError
