@@ -151,7 +151,7 @@ def test_a_requeued_run_started_with_resume_resumes_from_its_own_later_checkpoin
     epochs, steps_per_epoch, start = 20, 8, 4
     overrides = ["attention=softmax", "placement=cross", f"schedule.epochs={epochs}", f"train.eval_every={epochs}",
                  "train.log_every=1", "train.checkpoint_every=2", f"resume={given_dir / CHECKPOINT_NAME}"]
-    run_dir = sweep_dir / f"softmax-cross-tiny-shapes+schedule.epochs={epochs}/seed_42"
+    run_dir = sweep_dir / f"softmax-none-tiny-shapes+schedule.epochs={epochs}/seed_42"  # every site softmax: the baseline
     with sweep_process(slurm_cluster, tmp_path, sweep_dir, *overrides) as process:
         # Its own checkpoint, well past the given one.
         slurm_cluster.wait_until(lambda: checkpoint_step(run_dir / CHECKPOINT_NAME) >= start + 6, 180,

@@ -139,7 +139,7 @@ def test_a_signalled_two_node_run_is_requeued_and_resumes_in_the_same_wandb_run(
     epochs, steps_per_epoch = 40, 32 // (2 * 4)
     overrides = [*TWO_NODES, "attention=softmax", "placement=cross", f"schedule.epochs={epochs}",
                  f"train.eval_every={epochs}", "train.log_every=1", "logger=wandb", "logger.mode=offline"]
-    run_dir = sweep_dir / f"softmax-cross-tiny-shapes+schedule.epochs={epochs}/seed_42"
+    run_dir = sweep_dir / f"softmax-none-tiny-shapes+schedule.epochs={epochs}/seed_42"  # every site softmax: the baseline
     with sweep_process(two_node_cluster, tmp_path, sweep_dir, *overrides) as process:
         two_node_cluster.wait_until(lambda: checkpoint_step(run_dir / CHECKPOINT_NAME) >= steps_per_epoch, 240,
                                     "the first checkpoint of the two-node run", interval_s=0.2)
