@@ -19,7 +19,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.data.config import DataConfig
+from sparse_detr.checks import check_choice, check_range
 from sparse_detr.errors import EXIT_USER_ERROR, ConfigError, UserError, one_line
+from sparse_detr.signals import signal_names
 from sparse_detr.sites import SITES
 from sparse_detr.tracking import LoggerConfig
 
@@ -32,23 +34,6 @@ BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
 DILATED_BACKBONES = ("resnet50", "resnet101")   # DETR's DC5: bottleneck ResNets only
 POSITION_EMBEDDINGS = ("sine", "learned")
 MAX_SEED = 2**63 - 1  # with the rank added, still a valid torch seed (< 2**64)
-
-
-def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
-
-
-def check_range(key: str, value: float, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False) -> None:
-    if value != value:  # NaN: every comparison below is False, so it would pass them all
-        raise ConfigError(f"{key}={value!r} is not a number; give a finite value")
-    below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and (value >= high if high_open else value > high)
-    if below or above:
-        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
-        hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
-        raise ConfigError(f"{key}={value!r} is out of range; valid: {lo}, {hi}")
 
 
 @dataclass
@@ -195,8 +180,6 @@ class ClusterConfig:
     preempt_signals: List[str] = field(default_factory=lambda: ["USR2"])  # checkpoint, then requeue
 
     def __post_init__(self):
-        from sparse_detr.engine.preemption import signal_names  # no torch import
-
         for name in self.preempt_signals:
             check_choice("cluster.preempt_signals", name, signal_names())
 

@@ -19,7 +19,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sparse_detr.config import (ConfigError, check_choice, check_range, checkpoint_file, config_dir,
+from sparse_detr.checks import check_choice, check_range
+from sparse_detr.config import (ConfigError, checkpoint_file, config_dir,
                                 reports_config_errors, validate)
 from sparse_detr.data.image_files import input_files
 

@@ -38,6 +38,8 @@ from typing import Any, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_detr.checks import check_choice
+
 log = logging.getLogger(__name__)
 
 LOGGER_NAMES = ("none", "wandb")
@@ -85,8 +87,6 @@ class LoggerConfig:
     dir: Optional[str] = None         # parent of the `wandb/` folder; None: $WANDB_DIR, else the run folder
 
     def __post_init__(self):
-        from sparse_detr.config import check_choice  # config.py imports this module
-
         check_choice("logger.name", self.name, LOGGER_NAMES)
         if self.mode is not None:
             check_choice("logger.mode", self.mode, WANDB_MODES)
@@ -99,8 +99,6 @@ def alpha_key(site: str, layer: int, head: int) -> str:
 
 def resolve_mode(mode: Optional[str]) -> str:
     """The W&B mode: `mode` if set, else $WANDB_MODE, else offline (never needs a network)."""
-    from sparse_detr.config import check_choice
-
     if mode is not None:
         check_choice("logger.mode", mode, WANDB_MODES)
         return mode
@@ -269,8 +267,6 @@ def build_tracker(cfg: LoggerConfig, run_dir: str | os.PathLike, config: Mapping
     config: the resolved run config (dict or DictConfig) to log to W&B, secrets scrubbed.
     run_id: the id saved in the checkpoint, to continue the same W&B run; None starts a new one.
     """
-    from sparse_detr.config import check_choice
-
     if rank != 0:
         return NullTracker(run_id)
     check_choice("logger.name", cfg.name, LOGGER_NAMES)

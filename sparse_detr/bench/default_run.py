@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from sparse_detr.config import load_config
+from sparse_detr.data import build_dataset
+
 
 def learning_curve(run_dir: Path) -> list[tuple[int, int, float, float]]:
     """(epoch, seconds since start, AP50, AP) of every evaluation logged in metrics.jsonl."""
@@ -34,9 +37,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to sparse-detr-train")
     args = parser.parse_args(argv)
     run_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="sparse_detr_bench_"))
-
-    from sparse_detr import load_config
-    from sparse_detr.data import build_dataset
 
     build_dataset(load_config(args.overrides).data, "val")  # generates the data set, untimed
 

@@ -5,15 +5,17 @@ COCO-format folder) all load through `coco.CocoDetection`. Batch with `collate.c
 """
 from __future__ import annotations
 
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_detr.data.config import DataConfig
+
+# The builders import `coco`, `shapes` and `transforms` (torch) when called: the config schema
+# imports `sparse_detr.data.config`, which runs this file, and checking a config must not load torch.
 SPLITS = ("train", "val")
 
 
 def as_data_config(cfg):
     """The `data` node (DictConfig, dict or DataConfig) as a checked DataConfig."""
-    from omegaconf import DictConfig, OmegaConf
-
-    from sparse_detr.data.config import DataConfig
-
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
     return cfg if isinstance(cfg, DataConfig) else DataConfig(**cfg)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparse_detr.models.mappings import AlphaEntmax, AttentionMapping, Entmax15, Sparsemax
+from sparse_detr.models.mappings import AttentionMapping
+from sparse_detr.models.mappings.entmax import AlphaEntmax, Entmax15, Sparsemax
 
 BISECTION_STEPS = 12  # the bracket shrinks to 2^-12 of its width (at most 1)
 NEWTON_STEPS = 3

@@ -304,7 +304,7 @@ def test_a_bad_run_stops_with_one_line_before_anything_is_built_or_written(tmp_p
 
 
 def test_nan_fails_every_range_check():
-    from sparse_detr.config import check_range
+    from sparse_detr.checks import check_range
 
     for bounds in ({}, {"low": 0.0}, {"high": 1.0}, {"low": 0.0, "high": 1.0, "low_open": True}):
         with pytest.raises(ConfigError, match="is not a number"):
