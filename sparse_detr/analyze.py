@@ -19,8 +19,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sparse_detr.checks import check_choice, check_range
-from sparse_detr.config import (ConfigError, checkpoint_file, config_dir,
-                                reports_config_errors, validate)
+from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
+from sparse_detr.run_folder import ANALYSIS_NAME, analysis_dir, checkpoint_file, write_json
 from sparse_detr.sites import SITES
 from sparse_detr.data import SPLITS
 
@@ -94,8 +94,7 @@ def analyze(cfg: DictConfig) -> Path:
         raise ConfigError("checkpoint is required: sparse-detr-analyze checkpoint=RUN_FOLDER[/checkpoint.pth]")
     args: AnalyzeConfig = validate(cfg)
     from sparse_detr.analysis import attention_stats as stats_lib  # heavy imports after the config is known good
-    from sparse_detr.analysis.run_folders import ANALYSIS_DIR, ANALYSIS_NAME
-    from sparse_detr.analysis.tables import write_csv, write_json
+    from sparse_detr.analysis.tables import write_csv
     from sparse_detr.data import evaluation_dataset
     from sparse_detr.engine.distributed import choose_device
     from sparse_detr.engine.loop import learned_alphas
@@ -106,7 +105,7 @@ def analyze(cfg: DictConfig) -> Path:
     dataset = evaluation_dataset(trained.cfg.data, args.split)
     check_against_run(args, trained.cfg, len(dataset))
     run_dir = Path(args.checkpoint).parent
-    out = Path(args.output_dir) if args.output_dir else run_dir / ANALYSIS_DIR
+    out = Path(args.output_dir) if args.output_dir else analysis_dir(run_dir)
 
     stats = stats_lib.measure(trained.model, trained.criterion, trained.postprocessor, dataset,
                               num_images=args.max_images, batch_size=args.batch_size or trained.cfg.data.batch_size,

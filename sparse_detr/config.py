@@ -13,7 +13,7 @@ import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_detr.data.config import DataConfig
 from sparse_detr.checks import check_choice, check_range
 from sparse_detr.errors import EXIT_USER_ERROR, ConfigError, UserError, one_line
+from sparse_detr.run_folder import checkpoint_path
 from sparse_detr.signals import signal_names
 from sparse_detr.sites import SITES
 from sparse_detr.tracking import LoggerConfig
@@ -211,19 +212,6 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 OmegaConf.register_new_resolver("sparse_detr.product", lambda *factors: math.prod(int(f) for f in factors), replace=True)
 
 
-RUN_CHECKPOINT = "checkpoint.pth"   # a run folder's own checkpoint
-
-
-def checkpoint_file(path: str) -> str:
-    """A checkpoint given as the file or as the run folder holding `checkpoint.pth`."""
-    resolved = Path(path).expanduser()
-    if resolved.is_dir():
-        resolved = resolved / RUN_CHECKPOINT
-    if not resolved.is_file():
-        raise ConfigError(f"checkpoint={path!r}: no such file (give a checkpoint.pth or its run folder)")
-    return str(resolved)
-
-
 def reports_config_errors(entry_point: Callable) -> Callable:
     """For `@hydra.main` functions: a user error (a bad config value, a missing or unusable data
     set or file) ends the program with one line on stderr naming what is wrong, and exit status 2,
@@ -286,7 +274,7 @@ def validate_run(cfg: DictConfig, run_dir: str | Path) -> TrainConfig:
     folder that holds its own checkpoint resumes from that, so a file moved since is no error; a
     saved config checked by `sparse-detr-eval` elsewhere is not a start, and skips this.)"""
     checked = validate(cfg)
-    if not (Path(run_dir) / RUN_CHECKPOINT).is_file():
+    if not checkpoint_path(run_dir).is_file():
         if checked.resume and not Path(checked.resume).expanduser().is_file():
             raise ConfigError(f"resume={checked.resume!r}: no such file (give the path of a checkpoint .pth file)")
         init_from = Path(checked.init_from).expanduser() if checked.init_from else None

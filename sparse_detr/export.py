@@ -18,9 +18,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sparse_detr.checks import check_choice, check_range
-from sparse_detr.config import (ConfigError, checkpoint_file, config_dir,
-                                reports_config_errors, validate)
+from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
 from sparse_detr.models.export import FORMATS, SUFFIXES, missing_packages
+from sparse_detr.run_folder import checkpoint_file
 
 CHECK_TOLERANCE = 1e-4
 

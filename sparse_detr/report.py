@@ -21,7 +21,12 @@ from omegaconf import DictConfig
 
 from sparse_detr.checks import check_choice, check_range
 from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
+from sparse_detr.metrics.names import METRIC_NAMES
+from sparse_detr.metrics.names import SPARSITY_METRICS as METRICS
+from sparse_detr.run_folder import find_run_folders, read_metrics_log
 from sparse_detr.sites import SITES
+from sparse_detr.tracking import SPARSITY, axis_of
+from sparse_detr.viz import FORMATS
 
 DEFAULT_CURVES = ["train-metrics/class_error_unscaled", "train-metrics/loss_bbox_unscaled", "val-epoch-metrics/AP"]
 
@@ -41,11 +46,6 @@ class ReportConfig:
     dpi: int = 100
 
     def __post_init__(self):
-        from sparse_detr.analysis.run_folders import axis_of
-        from sparse_detr.metrics.coco_eval import METRIC_NAMES
-        from sparse_detr.metrics.sparsity import METRICS
-        from sparse_detr.viz import FORMATS
-
         if not self.sweep_dir and not self.runs:
             raise ConfigError("give sweep_dir=FOLDER or runs=[RUN_FOLDER,...]")
         for key, path in [("sweep_dir", self.sweep_dir)] + [("runs[]", run) for run in self.runs]:
@@ -88,11 +88,10 @@ def duration(mean: float, std: float) -> str:
 def report(cfg: DictConfig) -> Path:
     """Validate, collect every run folder, write the table, the CSVs and the figures; returns the folder."""
     args: ReportConfig = validate(cfg)
-    from sparse_detr.analysis.run_folders import find_run_folders, read_metrics_log
+    # torch (attention statistics) and matplotlib figures only once the config is known good
     from sparse_detr.analysis.sweep_table import (TIME_COLUMN, VARIANT_COLUMNS, aggregate, run_record,
                                                   sparsity_columns)
     from sparse_detr.analysis.tables import markdown_table, write_csv
-    from sparse_detr.tracking import SPARSITY
 
     sources = [path for path in [args.sweep_dir, *args.runs] if path]
     folders = find_run_folders(sources)

@@ -23,6 +23,10 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_detr.run_folder import (CONFIG_NAME, EPOCH_METRIC, EVAL_METRICS_NAME, STEP_METRIC, checkpoint_path,
+                                    newest_mtime, read_config, read_json, read_metrics_log)
+from sparse_detr.tracking import TRAIN_EPOCH_MAIN
+
 MANIFEST_NAME = "sweep_runs.json"
 SUBMITIT_DIR = ".submitit"
 ACTIVE_WINDOW_S = 600   # files touched this recently: the run is taken to be running
@@ -91,43 +95,40 @@ def read_checkpoint_state(path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        import torch
+        import torch  # only here: `status` of a sweep without checkpoints needs no torch
 
         return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state"])
     except Exception:  # being replaced right now, or not a checkpoint
         return None
 
 
-def read_eval_metrics(path: Path) -> Optional[dict]:
+def read_eval_metrics(run_dir: Path) -> Optional[dict]:
+    """`eval_metrics.json`, or None when missing or being replaced right now."""
     try:
-        return json.loads(path.read_text())
+        return read_json(run_dir / EVAL_METRICS_NAME)
     except (OSError, ValueError):
         return None
 
 
-def last_metrics_position(path: Path) -> tuple[Optional[int], Optional[int]]:
+def last_metrics_position(run_dir: Path) -> tuple[Optional[int], Optional[int]]:
     """(epochs, step) from `metrics.jsonl` when there is no checkpoint to read."""
     epoch = step = None
     try:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if "global_step" in row:
-                    step = max(step or 0, int(row["global_step"]))
-                if "epoch" in row and any(k.startswith("train-epoch") for k in row):
-                    epoch = max(epoch or 0, int(row["epoch"]) + 1)
+        rows = read_metrics_log(run_dir)
     except OSError:
-        pass
+        rows = []
+    for row in rows:
+        if STEP_METRIC in row:
+            step = max(step or 0, int(row[STEP_METRIC]))
+        if EPOCH_METRIC in row and any(k.startswith(TRAIN_EPOCH_MAIN) for k in row):
+            epoch = max(epoch or 0, int(row[EPOCH_METRIC]) + 1)
     return epoch, step
 
 
 def discover_run_dirs(sweep_dir: Path) -> list[Path]:
     """Folders of the sweep that Hydra or the trainer wrote a run into."""
     found = set()
-    for marker in ("config.yaml", ".hydra"):
+    for marker in (CONFIG_NAME, ".hydra"):
         for path in sweep_dir.rglob(marker):
             if SUBMITIT_DIR in path.parts or path.parent.name == ".hydra":
                 continue
@@ -212,16 +213,6 @@ def _pid_alive(job_id: str) -> bool:
         return False
 
 
-def newest_mtime(run_dir: Path) -> Optional[float]:
-    times = []
-    for name in ("metrics.jsonl", "checkpoint.pth", "eval_metrics.json", "config.yaml"):
-        try:
-            times.append((run_dir / name).stat().st_mtime)
-        except OSError:
-            pass
-    return max(times) if times else None
-
-
 def decide_state(*, started: bool, finished: bool, scheduler: list[str], result: str,
                  local_alive: Optional[bool], updated: Optional[float], now: float) -> str:
     """One word per run; the scheduler's word wins when there is one."""
@@ -285,12 +276,12 @@ def sweep_status(sweep_dir: str | Path, use_sacct: bool = True, notes: Optional[
     now, statuses = time.time(), []
     for run_dir, entry in sorted(runs.items(), key=lambda item: str(item[0])):
         job = job_of[run_dir]
-        cfg = _load_yaml(run_dir / "config.yaml")
+        cfg = read_config(run_dir)
         epochs = OmegaConf.select(cfg, "schedule.epochs") if cfg is not None else None
         max_steps = OmegaConf.select(cfg, "train.max_steps") if cfg is not None else None
-        state = read_checkpoint_state(run_dir / "checkpoint.pth")
-        epoch, step = (state.get("epoch"), state.get("global_step")) if state else last_metrics_position(run_dir / "metrics.jsonl")
-        metrics = read_eval_metrics(run_dir / "eval_metrics.json")
+        state = read_checkpoint_state(checkpoint_path(run_dir))
+        epoch, step = (state.get("epoch"), state.get("global_step")) if state else last_metrics_position(run_dir)
+        metrics = read_eval_metrics(run_dir)
         finished = bool(metrics) and (
             (epochs is not None and metrics.get("epoch") == epochs)
             or (max_steps is not None and (metrics.get("global_step") or 0) >= max_steps))

@@ -39,15 +39,13 @@ from typing import Any, List, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.checks import check_choice
+from sparse_detr.run_folder import EPOCH_METRIC, METRICS_LOG_NAME, SEGMENT, STEP_METRIC, TIME, open_metrics_log
 
 log = logging.getLogger(__name__)
 
 LOGGER_NAMES = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
 _LEGACY_MODES = {"run": "online", "dryrun": "offline"}   # older spellings of WANDB_MODE
-
-STEP_METRIC = "global_step"
-EPOCH_METRIC = "epoch"
 
 TRAIN_MAIN = "train-main-metrics"
 TRAIN = "train-metrics"
@@ -68,8 +66,6 @@ STEP_METRICS = {
     VAL_EPOCH: EPOCH_METRIC,
 }
 
-METRICS_FILE = "metrics.jsonl"
-SEGMENT = "segment"   # in every line of METRICS_FILE: when the process that wrote it started tracking
 REDACTED = "<redacted>"
 SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "credential")
 
@@ -90,6 +86,14 @@ class LoggerConfig:
         check_choice("logger.name", self.name, LOGGER_NAMES)
         if self.mode is not None:
             check_choice("logger.mode", self.mode, WANDB_MODES)
+
+
+def axis_of(key: str) -> str:
+    """The x axis a metric key is logged against: `global_step` or `epoch` (STEP_METRICS)."""
+    group = key.split("/", 1)[0]
+    if group not in STEP_METRICS:
+        raise KeyError(f"{key!r} is not a logged metric; groups: {', '.join(g + '/' for g in STEP_METRICS)}")
+    return STEP_METRICS[group]
 
 
 def alpha_key(site: str, layer: int, head: int) -> str:
@@ -154,10 +158,9 @@ class Tracker:
     def __init__(self, run_dir: str | os.PathLike, run_id: Optional[str] = None):
         self.run_id: str = run_id or new_run_id()
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / METRICS_FILE
+        self.metrics_path = self.run_dir / METRICS_LOG_NAME
         self.segment = round(time.time(), 3)
-        self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)  # line-buffered
+        self._file = open_metrics_log(self.run_dir)
 
     def log(self, metrics: Mapping[str, Any], *, step: int) -> None:
         """Log `train-*`, `alpha/` or `sparsity/` metrics at `global_step = step`."""
@@ -187,7 +190,7 @@ class Tracker:
                 raise ValueError(f"metric {key!r} cannot go through {call}; its key must start with "
                                  f"one of: {', '.join(g + '/' for g in valid)}")
             row[key] = _number(metric)
-        self._file.write(json.dumps({**row, "time": round(time.time(), 3), SEGMENT: self.segment}) + "\n")
+        self._file.write(json.dumps({**row, TIME: round(time.time(), 3), SEGMENT: self.segment}) + "\n")
         self._send(row)
 
     def _send(self, row: dict) -> None:

@@ -9,7 +9,6 @@ evaluation, so the learning curve shows how the goal was reached.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -21,11 +20,12 @@ import torch
 
 from sparse_detr.config import load_config
 from sparse_detr.data import build_dataset
+from sparse_detr.run_folder import EVAL_METRICS_NAME, read_json, read_metrics_log
 
 
 def learning_curve(run_dir: Path) -> list[tuple[int, int, float, float]]:
     """(epoch, seconds since start, AP50, AP) of every evaluation logged in metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics_log(run_dir)
     start = rows[0]["time"]
     return [(row["epoch"], round(row["time"] - start), row["val-epoch-metrics/AP50"], row["val-epoch-metrics/AP"])
             for row in rows if "val-epoch-metrics/AP50" in row]
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
 
-    metrics = json.loads((run_dir / "eval_metrics.json").read_text())
+    metrics = read_json(run_dir / EVAL_METRICS_NAME)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"command: sparse-detr-train {' '.join(args.overrides)}")
     print(f"wall time: {wall / 60:.1f} min   AP50: {metrics['AP50']:.3f}   AP: {metrics['AP']:.3f}")

@@ -13,21 +13,20 @@ from sparse_detr.data import build_dataset
 from sparse_detr.data.coco import category_table
 from sparse_detr.data.collate import collate
 from sparse_detr.engine import distributed
-from sparse_detr.engine.checkpoint import (CHECKPOINT_NAME, atomic_save, load_training_checkpoint,
-                                           restore_rng_states, rng_states)
+from sparse_detr.engine.checkpoint import atomic_save, load_training_checkpoint, restore_rng_states, rng_states
 from sparse_detr.engine.loop import TrainState, evaluate, mean_across_ranks, train_one_epoch, unwrap
 from sparse_detr.engine.optim import build_optimizer, build_scheduler
 from sparse_detr.engine.preemption import PreemptionGuard
 from sparse_detr.errors import ConfigError
 from sparse_detr.engine.sampling import EpochSampler, SeededSamples
-from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
+from sparse_detr.metrics.coco_eval import CocoEvaluator
 from sparse_detr.metrics.sparsity import SparsityAccumulator
 from sparse_detr.models.detr import build_model
 from sparse_detr.models.detr_checkpoint import model_state_dict, read_checkpoint
+from sparse_detr.run_folder import EVAL_METRICS_NAME, checkpoint_path, write_json
 from sparse_detr.tracking import SPARSITY, TRAIN_EPOCH_MAIN, VAL_EPOCH, build_tracker
 
 log = logging.getLogger(__name__)
-METRICS_NAME = "eval_metrics.json"
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, sampler: EpochSampler, drop_last: bool) -> DataLoader:
@@ -110,7 +109,7 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / CHECKPOINT_NAME
+        return checkpoint_path(self.run_dir)
 
     def _restore(self) -> None:
         """The run folder's own checkpoint, once there is one; else `resume=` or `init_from=`, which
@@ -187,8 +186,7 @@ class Trainer:
         metrics = evaluate(self.network, self.postprocessor, loader, evaluator, device=self.ctx.device,
                            loop_cfg=self.cfg.train, sparsity=sparsity)
         if self.ctx.is_main:
-            write_metrics_json({**metrics, "epoch": self.state.epoch, "global_step": self.state.global_step},
-                               self.run_dir / METRICS_NAME)
+            write_json(self.run_dir / EVAL_METRICS_NAME, {**metrics, "epoch": self.state.epoch, "global_step": self.state.global_step})
             self.tracker.log_epoch({f"{VAL_EPOCH}/{k}": v for k, v in metrics.items()}, epoch=self.state.epoch)
             self.tracker.log(sparsity_metrics(sparsity.compute()), step=self.state.global_step)
         return metrics
