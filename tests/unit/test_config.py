@@ -15,7 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from sparse_detr.config import ConfigError, config_dir, load_config, validate
-from sparse_detr.sweep import compose_with_hydra, sbatch_script, submitit_executor
+from sparse_detr.sweep.compose import compose_with_hydra
+from sparse_detr.sweep.slurm import sbatch_script, submitit_executor
 
 REPO = Path(__file__).resolve().parents[2]
 GROUPS = ["backbone", "attention", "placement", "data", "optim", "schedule", "logger", "cluster", "experiment"]
