@@ -1,12 +1,12 @@
 """Experiment tracking: one small interface, two backends (`wandb`, `none`), chosen by `logger=`.
 
-Every run writes its metrics as JSON lines to `<run_dir>/metrics.jsonl`, whatever the backend, so
-analysis and reports never need the W&B servers. Only rank 0 tracks; other ranks get a no-op.
+Every run writes its metrics as JSON lines to `<run_dir>/metrics.jsonl` (`run_folder` owns the file
+and reads it back), whatever the backend, so analysis and reports never need the W&B servers. Only rank 0 tracks; other ranks get a no-op.
 
-    tracker = build_tracker(cfg.logger, run_dir, config_dict, run_id=ckpt.get("wandb_run_id"), rank=rank)
+    tracker = build_tracker(cfg.logger, run_dir, config_dict, run_id=ckpt.get("tracker_run_id"), rank=rank)
     tracker.log({"train-main-metrics/loss": 0.7, "alpha/cross/layer_0/head_3": 1.41}, step=global_step)
     tracker.log_epoch({"val-epoch-metrics/AP": 0.31}, epoch=epoch)
-    checkpoint["wandb_run_id"] = tracker.run_id   # resume continues the same W&B run
+    checkpoint["tracker_run_id"] = tracker.run_id   # resume continues the same W&B run
     tracker.finish()
 
 Metric keys are `<group>/<name>`; each group has one x axis (its step metric):
