@@ -10,7 +10,7 @@ from pathlib import Path
 from sparse_detr.config import config_dir, load_config, validate
 
 REPO = Path(__file__).resolve().parents[2]
-GROUPS = ["backbone", "attention", "placement", "data", "optim", "schedule", "logger", "cluster", "experiment"]
+GROUPS = ["backbone", "model", "attention", "placement", "data", "optim", "schedule", "logger", "cluster", "experiment"]
 # The environment the cluster profiles read; the tests that use them start without it (fixture
 # `clean_cluster_env` in conftest.py).
 CLUSTER_ENV = ("SPARSE_DETR_ACCOUNT", "SPARSE_DETR_PARTITION", "SPARSE_DETR_GPU_TYPE", "SPARSE_DETR_SETUP")
