@@ -102,7 +102,7 @@ def analyze(cfg: DictConfig) -> Path:
 
     device = choose_device(args.device, 0)
     trained = load_trained_model(args.checkpoint, args.overrides, device, command="sparse-detr-analyze")
-    dataset = evaluation_dataset(trained.cfg.data, args.split)
+    dataset = evaluation_dataset(trained.checked.data, args.split)
     check_against_run(args, trained.cfg, len(dataset))
     run_dir = Path(args.checkpoint).parent
     out = Path(args.output_dir) if args.output_dir else analysis_dir(run_dir)

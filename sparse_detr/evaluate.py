@@ -68,7 +68,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
     device = choose_device(args.device, 0)
     trained = load_trained_model(args.checkpoint, args.overrides, device, command="sparse-detr-eval")
-    dataset = evaluation_dataset(trained.cfg.data, args.split)
+    dataset = evaluation_dataset(trained.checked.data, args.split)
     loader = make_loader(dataset, args.batch_size or trained.cfg.data.batch_size, trained.cfg.data.num_workers,
                          EpochSampler(len(dataset), seed=0, shuffle=False), drop_last=False)
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_category)

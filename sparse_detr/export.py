@@ -57,12 +57,11 @@ def export_checkpoint(cfg: DictConfig) -> Path:
     # heavy imports after the config is known good
     import torch
 
-    from sparse_detr.data import as_data_config
     from sparse_detr.engine.trained_model import load_trained_model
     from sparse_detr.models.export import export_model, run_exported
 
     trained = load_trained_model(args.checkpoint, args.overrides, "cpu", command="sparse-detr-export")
-    side = as_data_config(trained.cfg.data).val_size  # the validation resize's shorter side
+    side = trained.checked.data.val_size  # the validation resize's shorter side
     height, width = args.height or side, args.width or side
     output = Path(args.output) if args.output else Path(args.checkpoint).parent / f"model{SUFFIXES[args.format]}"
     generator = torch.Generator().manual_seed(0)

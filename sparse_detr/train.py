@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     The run folder is locked for the whole run (`engine.run_lock`): a second start of the same
     run stops before it writes anything."""
     run_dir = run_dir_of(cfg)
-    validate_run(cfg, run_dir)
+    checked = validate_run(cfg, run_dir)
     from sparse_detr.engine import distributed  # heavy imports after the config is known good
     from sparse_detr.engine.run_lock import hold_run_folder
     from sparse_detr.engine.trainer import Trainer
@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         name_tracking_run(cfg)
         if ctx.is_main:
             record_start(run_dir, cfg, sys.argv)
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, checked)
         try:
             metrics = trainer.fit()
         except BaseException:
