@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.data.config import DataConfig
@@ -284,12 +286,12 @@ def validate_run(cfg: DictConfig, run_dir: str | Path) -> TrainConfig:
     return checked
 
 
-def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """Compose the project's Hydra config with command-line style overrides, outside `@hydra.main`."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+def load_config(overrides: Sequence[str] = (), config_name: str = "train", *,
+                return_hydra_config: bool = False) -> DictConfig:
+    """Compose the project's Hydra config with command-line style overrides, outside `@hydra.main`
+    (with its `hydra` node if asked: what a launcher sees)."""
+    kwargs = {"config_name": config_name, "overrides": list(overrides), "return_hydra_config": return_hydra_config}
     if GlobalHydra.instance().is_initialized():
-        return compose(config_name=config_name, overrides=list(overrides))
+        return compose(**kwargs)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+        return compose(**kwargs)

@@ -10,15 +10,13 @@ import copy
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sparse_detr import naming  # noqa: F401  (registers ${sparse_detr.variant:}, which run folders use)
-from sparse_detr.config import config_dir
+from sparse_detr.config import load_config
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # what conf/train.yaml selects (hydra/sweeper=distinct_runs): the basic sweeper, each distinct run launched once
@@ -88,11 +86,7 @@ def distinct_jobs(jobs: Sequence[Sequence[str]], run_dirs: Sequence[Path]) -> tu
 def compose_with_hydra(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
     """The config with its `hydra` node, as the launcher sees it."""
     # The job name the entry point has (`sparse-detr-train` runs the `train` module).
-    overrides = [f"hydra.job.name={config_name}", *overrides]
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    return load_config([f"hydra.job.name={config_name}", *overrides], config_name, return_hydra_config=True)
 
 
 def hydra_message(error: BaseException) -> str:

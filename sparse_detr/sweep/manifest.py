@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from sparse_detr.atomic_files import write_atomically
+
 MANIFEST_NAME = "sweep_runs.json"
 
 
@@ -21,9 +23,8 @@ def write_manifest(sweep_dir: Path, runs: list[dict], launcher: str, cluster: st
         relative = os.path.relpath(run_dir, sweep_dir) if run_dir.is_relative_to(sweep_dir) else str(run_dir)
         entries[relative] = {**run, "run_dir": relative, "launcher": launcher, "cluster": cluster,
                              "launched_at": launched_at, "launch_size": len(runs)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"runs": list(entries.values())}, indent=1))
-    tmp.replace(path)
+    text = json.dumps({"runs": list(entries.values())}, indent=1)
+    write_atomically(path, lambda handle: handle.write(text), binary=False)
     return path
 
 
