@@ -18,8 +18,9 @@ from sparse_detr.config import TrainConfig, config_dir
 from sparse_detr.sweep.compose import compose_with_hydra, job_config
 
 EXPECTED = json.loads((Path(__file__).with_name("composed_configs.json")).read_text())
-# Recipes on purpose: a placement says what runs at every site, whatever the schema's default.
-RECIPE_GROUPS = ("placement",)
+# Recipes on purpose: a placement says what runs at every site, whatever the schema's default, and
+# an experiment may set a value back to the schema's over what its groups chose.
+RECIPE_GROUPS = ("placement", "experiment")
 
 
 def flat(node: dict, prefix: str = "") -> dict:
