@@ -6,6 +6,7 @@ __all__ = ["load_config", "validate", "build_model", "attention_mapping"]
 
 def build_model(cfg):
     """cfg -> (model, criterion, postprocessor). See `sparse_detr.models.detr.build_model`."""
+    # imported here, not at the top: `import sparse_detr` (and every config check) must not load torch
     from sparse_detr.models.detr import build_model as _build
 
     return _build(cfg)
@@ -14,6 +15,6 @@ def build_model(cfg):
 def attention_mapping(name: str, **params):
     """A mapping module from the registry `sparse_detr.models.mappings.MAPPINGS`; see
     `sparse_detr.models.mappings.attention_mapping`."""
-    from sparse_detr.models.mappings import attention_mapping as _mapping
+    from sparse_detr.models.mappings import attention_mapping as _mapping  # torch: see build_model
 
     return _mapping(name, **params)

@@ -18,8 +18,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sparse_detr.config import (ConfigError, check_choice, check_range, checkpoint_file, config_dir,
-                                reports_config_errors, validate)
+from sparse_detr.checks import check_choice, check_range
+from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
+from sparse_detr.run_folder import ANALYSIS_NAME, analysis_dir, checkpoint_file, write_json
 from sparse_detr.sites import SITES
 from sparse_detr.data import SPLITS
 
@@ -95,8 +96,7 @@ def analyze(cfg: DictConfig) -> Path:
         raise ConfigError("checkpoint is required: sparse-detr-analyze checkpoint=RUN_FOLDER[/checkpoint.pth]")
     args: AnalyzeConfig = validate(cfg)
     from sparse_detr.analysis import attention_stats as stats_lib  # heavy imports after the config is known good
-    from sparse_detr.analysis.run_folders import ANALYSIS_DIR, ANALYSIS_NAME
-    from sparse_detr.analysis.tables import write_csv, write_json
+    from sparse_detr.analysis.tables import write_csv
     from sparse_detr.data import evaluation_dataset
     from sparse_detr.engine.distributed import choose_device
     from sparse_detr.engine.loop import learned_alphas
@@ -104,10 +104,10 @@ def analyze(cfg: DictConfig) -> Path:
 
     device = choose_device(args.device, 0)
     trained = load_trained_model(args.checkpoint, args.overrides, device, command="sparse-detr-analyze")
-    dataset = evaluation_dataset(trained.cfg.data, args.split)
+    dataset = evaluation_dataset(trained.checked.data, args.split)
     check_against_run(args, trained.cfg, len(dataset))
     run_dir = Path(args.checkpoint).parent
-    out = Path(args.output_dir) if args.output_dir else run_dir / ANALYSIS_DIR
+    out = Path(args.output_dir) if args.output_dir else analysis_dir(run_dir)
 
     stats = stats_lib.measure(trained.model, trained.criterion, trained.postprocessor, dataset,
                               num_images=args.max_images, batch_size=args.batch_size or trained.cfg.data.batch_size,
@@ -149,7 +149,7 @@ def summary_markdown(trained, args: AnalyzeConfig, stats, alphas: dict[str, floa
                      init: dict | None = None) -> str:
     """summary.md: what was analysed, COCO metrics, head-mean sparsity per site and layer, PAIBB, alphas, figures."""
     from sparse_detr.analysis.tables import markdown_table
-    from sparse_detr.metrics.coco_eval import METRIC_NAMES
+    from sparse_detr.metrics.names import METRIC_NAMES
     from sparse_detr.metrics.sparsity import METRICS
     from sparse_detr.viz.alphas import alpha_grids
 

@@ -13,13 +13,18 @@ import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.data.config import DataConfig
+from sparse_detr.checks import check_choice, check_range
 from sparse_detr.errors import EXIT_USER_ERROR, ConfigError, UserError, one_line
+from sparse_detr.run_folder import checkpoint_path
+from sparse_detr.signals import signal_names
 from sparse_detr.sites import SITE_BY_NAME, SITES
 from sparse_detr.tracking import LoggerConfig
 
@@ -37,23 +42,6 @@ BACKBONE_NAMES = ("tiny", "resnet18", "resnet34", "resnet50", "resnet101")
 DILATED_BACKBONES = ("resnet50", "resnet101")   # DETR's DC5: bottleneck ResNets only
 POSITION_EMBEDDINGS = ("sine", "learned")
 MAX_SEED = 2**63 - 1  # with the rank added, still a valid torch seed (< 2**64)
-
-
-def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
-
-
-def check_range(key: str, value: float, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False) -> None:
-    if value != value:  # NaN: every comparison below is False, so it would pass them all
-        raise ConfigError(f"{key}={value!r} is not a number; give a finite value")
-    below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and (value >= high if high_open else value > high)
-    if below or above:
-        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
-        hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
-        raise ConfigError(f"{key}={value!r} is out of range; valid: {lo}, {hi}")
 
 
 @dataclass
@@ -212,8 +200,6 @@ class ClusterConfig:
     preempt_signals: List[str] = field(default_factory=lambda: ["USR2"])  # checkpoint, then requeue
 
     def __post_init__(self):
-        from sparse_detr.engine.preemption import signal_names  # no torch import
-
         if self.gpus_per_node is not None:
             check_range("cluster.gpus_per_node", self.gpus_per_node, low=1)
         for name in self.preempt_signals:
@@ -245,19 +231,6 @@ class TrainConfig:
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 # `${sparse_detr.product:${hydra.launcher.nodes},${hydra.launcher.tasks_per_node}}`: GPUs of a SLURM job.
 OmegaConf.register_new_resolver("sparse_detr.product", lambda *factors: math.prod(int(f) for f in factors), replace=True)
-
-
-RUN_CHECKPOINT = "checkpoint.pth"   # a run folder's own checkpoint
-
-
-def checkpoint_file(path: str) -> str:
-    """A checkpoint given as the file or as the run folder holding `checkpoint.pth`."""
-    resolved = Path(path).expanduser()
-    if resolved.is_dir():
-        resolved = resolved / RUN_CHECKPOINT
-    if not resolved.is_file():
-        raise ConfigError(f"checkpoint={path!r}: no such file (give a checkpoint.pth or its run folder)")
-    return str(resolved)
 
 
 def reports_config_errors(entry_point: Callable) -> Callable:
@@ -322,7 +295,7 @@ def validate_run(cfg: DictConfig, run_dir: str | Path) -> TrainConfig:
     folder that holds its own checkpoint resumes from that, so a file moved since is no error; a
     saved config checked by `sparse-detr-eval` elsewhere is not a start, and skips this.)"""
     checked = validate(cfg)
-    if not (Path(run_dir) / RUN_CHECKPOINT).is_file():
+    if not checkpoint_path(run_dir).is_file():
         if checked.resume and not Path(checked.resume).expanduser().is_file():
             raise ConfigError(f"resume={checked.resume!r}: no such file (give the path of a checkpoint .pth file)")
         init_from = Path(checked.init_from).expanduser() if checked.init_from else None
@@ -332,12 +305,12 @@ def validate_run(cfg: DictConfig, run_dir: str | Path) -> TrainConfig:
     return checked
 
 
-def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """Compose the project's Hydra config with command-line style overrides, outside `@hydra.main`."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+def load_config(overrides: Sequence[str] = (), config_name: str = "train", *,
+                return_hydra_config: bool = False) -> DictConfig:
+    """Compose the project's Hydra config with command-line style overrides, outside `@hydra.main`
+    (with its `hydra` node if asked: what a launcher sees)."""
+    kwargs = {"config_name": config_name, "overrides": list(overrides), "return_hydra_config": return_hydra_config}
     if GlobalHydra.instance().is_initialized():
-        return compose(config_name=config_name, overrides=list(overrides))
+        return compose(**kwargs)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+        return compose(**kwargs)

@@ -19,9 +19,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sparse_detr.config import (ConfigError, check_choice, check_range, checkpoint_file, config_dir,
-                                reports_config_errors, validate)
+from sparse_detr.checks import check_choice, check_range
+from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
 from sparse_detr.data import SPLITS
+from sparse_detr.run_folder import checkpoint_file, eval_split_path, write_json
 
 IOU_THRESHOLD = 0.5  # a detection and a ground-truth box match in the confusion matrix from this IoU
 
@@ -53,30 +54,29 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint is required: sparse-detr-eval checkpoint=RUN_FOLDER[/checkpoint.pth]")
     args: EvaluateConfig = validate(cfg)
-    from sparse_detr.analysis.tables import write_json  # heavy imports after the checks
-    from sparse_detr.data import evaluation_dataset
+    from sparse_detr.data import evaluation_dataset  # heavy imports after the checks
     from sparse_detr.data.coco import category_table
     from sparse_detr.engine.distributed import choose_device
     from sparse_detr.engine.loop import evaluate
     from sparse_detr.engine.sampling import EpochSampler
     from sparse_detr.engine.trained_model import load_trained_model
     from sparse_detr.engine.trainer import make_loader
-    from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
+    from sparse_detr.metrics.coco_eval import CocoEvaluator
     from sparse_detr.metrics.confusion import confusion_matrix
     from sparse_detr.viz import save_figure
     from sparse_detr.viz.confusion import confusion_figure
 
     device = choose_device(args.device, 0)
     trained = load_trained_model(args.checkpoint, args.overrides, device, command="sparse-detr-eval")
-    dataset = evaluation_dataset(trained.cfg.data, args.split)
+    dataset = evaluation_dataset(trained.checked.data, args.split)
     loader = make_loader(dataset, args.batch_size or trained.cfg.data.batch_size, trained.cfg.data.num_workers,
                          EpochSampler(len(dataset), seed=0, shuffle=False), drop_last=False)
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_category)
     metrics = evaluate(trained.model, trained.postprocessor, loader, evaluator, device=device,
                        loop_cfg=trained.cfg.train)
-    output = Path(args.output) if args.output else Path(args.checkpoint).parent / f"eval_{args.split}.json"
-    write_metrics_json({**metrics, "split": args.split, "epoch": trained.state.get("epoch"),
-                        "global_step": trained.state.get("global_step")}, output)
+    output = Path(args.output) if args.output else eval_split_path(Path(args.checkpoint).parent, args.split)
+    write_json(output, {**metrics, "split": args.split, "epoch": trained.state.get("epoch"),
+                        "global_step": trained.state.get("global_step")})
     matrix = confusion_matrix(dataset.coco, evaluator.detections(), dataset.label_to_category,
                               score_threshold=args.score_threshold, iou_threshold=IOU_THRESHOLD)
     names = [category["name"] for category in category_table(dataset)]

@@ -17,9 +17,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sparse_detr.config import (ConfigError, check_choice, check_range, checkpoint_file, config_dir,
-                                reports_config_errors, validate)
+from sparse_detr.checks import check_choice, check_range
+from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
 from sparse_detr.models.export import FORMATS, SUFFIXES, missing_packages
+from sparse_detr.run_folder import checkpoint_file
 
 CHECK_TOLERANCE = 1e-4
 
@@ -56,12 +57,11 @@ def export_checkpoint(cfg: DictConfig) -> Path:
     # heavy imports after the config is known good
     import torch
 
-    from sparse_detr.data import as_data_config
     from sparse_detr.engine.trained_model import load_trained_model
     from sparse_detr.models.export import export_model, run_exported
 
     trained = load_trained_model(args.checkpoint, args.overrides, "cpu", command="sparse-detr-export")
-    side = as_data_config(trained.cfg.data).val_size  # the validation resize's shorter side
+    side = trained.checked.data.val_size  # the validation resize's shorter side
     height, width = args.height or side, args.width or side
     output = Path(args.output) if args.output else Path(args.checkpoint).parent / f"model{SUFFIXES[args.format]}"
     generator = torch.Generator().manual_seed(0)

@@ -19,9 +19,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sparse_detr.config import (ConfigError, check_choice, check_range, checkpoint_file, config_dir,
-                                reports_config_errors, validate)
+from sparse_detr.checks import check_choice, check_range
+from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
 from sparse_detr.data.image_files import input_files
+from sparse_detr.run_folder import checkpoint_file, write_json
 
 PREDICTIONS_NAME = "predictions.json"
 
@@ -63,7 +64,6 @@ def predict(cfg: DictConfig) -> Path:
     from sparse_detr.engine.distributed import choose_device
     from sparse_detr.engine.prediction import coco_results, predict_images
     from sparse_detr.engine.trained_model import load_trained_model
-    from sparse_detr.analysis.tables import write_json
     from sparse_detr.viz import save_figure
     from sparse_detr.viz.predictions import captions, detection_attention_figure, prediction_figure
 

@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from sparse_detr.config import TrainConfig, check_choice, check_range, config_dir, reports_config_errors, validate
+from sparse_detr.checks import check_choice, check_range
+from sparse_detr.config import TrainConfig, config_dir, reports_config_errors, validate
 
 
 @dataclass

@@ -21,8 +21,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from sparse_detr.analysis.tables import cell
-from sparse_detr.config import ConfigError, check_choice, check_range, config_dir, reports_config_errors, validate
+from sparse_detr.checks import check_choice, check_range
+from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
+from sparse_detr.metrics.names import METRIC_NAMES
+from sparse_detr.metrics.names import SPARSITY_METRICS as METRICS
+from sparse_detr.run_folder import find_run_folders, read_metrics_log
 from sparse_detr.sites import SITES
+from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY, axis_of
+from sparse_detr.viz import FORMATS
 
 DEFAULT_CURVES = ["train-metrics/class_error_unscaled", "train-metrics/loss_bbox_unscaled", "val-epoch-metrics/AP"]
 
@@ -45,11 +51,6 @@ class ReportConfig:
     attention_object: int = 0               # index of the ground-truth object in that image
 
     def __post_init__(self):
-        from sparse_detr.analysis.run_folders import axis_of
-        from sparse_detr.metrics.coco_eval import METRIC_NAMES
-        from sparse_detr.metrics.sparsity import METRICS
-        from sparse_detr.viz import FORMATS
-
         if not self.sweep_dir and not self.runs:
             raise ConfigError("give sweep_dir=FOLDER or runs=[RUN_FOLDER,...]")
         for key, path in [("sweep_dir", self.sweep_dir)] + [("runs[]", run) for run in self.runs]:
@@ -88,14 +89,13 @@ def duration(mean: float, std: float) -> str:
 def report(cfg: DictConfig) -> Path:
     """Validate, collect every run folder, write the table, the CSVs and the figures; returns the folder."""
     args: ReportConfig = validate(cfg)
-    from sparse_detr.analysis.run_folders import find_run_folders, read_metrics_log
+    # torch (attention statistics) and matplotlib figures only once the config is known good
     from sparse_detr.analysis.sweep_table import (CODE_COLUMN, TIME_COLUMN, VARIANT_COLUMNS, aggregate, mixed_code,
                                                   run_record, sparsity_columns)
     from sparse_detr.analysis.report_sections import (alpha_markdown, alpha_tables, baseline_comparison,
                                                       class_ap_columns, class_ap_markdown, class_ap_table,
                                                       comparison_markdown, init_reference_markdown)
     from sparse_detr.analysis.tables import markdown_table, write_csv
-    from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY
 
     sources = [path for path in [args.sweep_dir, *args.runs] if path]
     folders = find_run_folders(sources)

@@ -1,12 +1,12 @@
 """Experiment tracking: one small interface, two backends (`wandb`, `none`), chosen by `logger=`.
 
-Every run writes its metrics as JSON lines to `<run_dir>/metrics.jsonl`, whatever the backend, so
-analysis and reports never need the W&B servers. Only rank 0 tracks; other ranks get a no-op.
+Every run writes its metrics as JSON lines to `<run_dir>/metrics.jsonl` (`run_folder` owns the file
+and reads it back), whatever the backend, so analysis and reports never need the W&B servers. Only rank 0 tracks; other ranks get a no-op.
 
-    tracker = build_tracker(cfg.logger, run_dir, config_dict, run_id=ckpt.get("wandb_run_id"), rank=rank)
+    tracker = build_tracker(cfg.logger, run_dir, config_dict, run_id=ckpt.get("tracker_run_id"), rank=rank)
     tracker.log({"train-main-metrics/loss": 0.7, "alpha/cross/layer_0/head_3": 1.41}, step=global_step)
     tracker.log_epoch({"val-epoch-metrics/AP": 0.31}, epoch=epoch)
-    checkpoint["wandb_run_id"] = tracker.run_id   # resume continues the same W&B run
+    checkpoint["tracker_run_id"] = tracker.run_id   # resume continues the same W&B run
     tracker.finish()
 
 Metric keys are `<group>/<name>`; each group has one x axis (its step metric):
@@ -38,14 +38,14 @@ from typing import Any, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_detr.checks import check_choice
+from sparse_detr.run_folder import EPOCH_METRIC, METRICS_LOG_NAME, SEGMENT, STEP_METRIC, TIME, open_metrics_log
+
 log = logging.getLogger(__name__)
 
 LOGGER_NAMES = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
 _LEGACY_MODES = {"run": "online", "dryrun": "offline"}   # older spellings of WANDB_MODE
-
-STEP_METRIC = "global_step"
-EPOCH_METRIC = "epoch"
 
 TRAIN_MAIN = "train-main-metrics"
 TRAIN = "train-metrics"
@@ -68,8 +68,6 @@ STEP_METRICS = {
     VAL_EPOCH: EPOCH_METRIC,
 }
 
-METRICS_FILE = "metrics.jsonl"
-SEGMENT = "segment"   # in every line of METRICS_FILE: when the process that wrote it started tracking
 REDACTED = "<redacted>"
 SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "credential")
 
@@ -87,11 +85,17 @@ class LoggerConfig:
     dir: Optional[str] = None         # parent of the `wandb/` folder; None: $WANDB_DIR, else the run folder
 
     def __post_init__(self):
-        from sparse_detr.config import check_choice  # config.py imports this module
-
         check_choice("logger.name", self.name, LOGGER_NAMES)
         if self.mode is not None:
             check_choice("logger.mode", self.mode, WANDB_MODES)
+
+
+def axis_of(key: str) -> str:
+    """The x axis a metric key is logged against: `global_step` or `epoch` (STEP_METRICS)."""
+    group = key.split("/", 1)[0]
+    if group not in STEP_METRICS:
+        raise KeyError(f"{key!r} is not a logged metric; groups: {', '.join(g + '/' for g in STEP_METRICS)}")
+    return STEP_METRICS[group]
 
 
 def alpha_key(site: str, layer: int, head: int) -> str:
@@ -101,8 +105,6 @@ def alpha_key(site: str, layer: int, head: int) -> str:
 
 def resolve_mode(mode: Optional[str]) -> str:
     """The W&B mode: `mode` if set, else $WANDB_MODE, else offline (never needs a network)."""
-    from sparse_detr.config import check_choice
-
     if mode is not None:
         check_choice("logger.mode", mode, WANDB_MODES)
         return mode
@@ -158,10 +160,9 @@ class Tracker:
     def __init__(self, run_dir: str | os.PathLike, run_id: Optional[str] = None):
         self.run_id: str = run_id or new_run_id()
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / METRICS_FILE
+        self.metrics_path = self.run_dir / METRICS_LOG_NAME
         self.segment = round(time.time(), 3)
-        self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)  # line-buffered
+        self._file = open_metrics_log(self.run_dir)
 
     def log(self, metrics: Mapping[str, Any], *, step: int) -> None:
         """Log `train-*`, `alpha/` or `sparsity/` metrics at `global_step = step`."""
@@ -191,7 +192,7 @@ class Tracker:
                 raise ValueError(f"metric {key!r} cannot go through {call}; its key must start with "
                                  f"one of: {', '.join(g + '/' for g in valid)}")
             row[key] = _number(metric)
-        self._file.write(json.dumps({**row, "time": round(time.time(), 3), SEGMENT: self.segment}) + "\n")
+        self._file.write(json.dumps({**row, TIME: round(time.time(), 3), SEGMENT: self.segment}) + "\n")
         self._send(row)
 
     def _send(self, row: dict) -> None:
@@ -271,8 +272,6 @@ def build_tracker(cfg: LoggerConfig, run_dir: str | os.PathLike, config: Mapping
     config: the resolved run config (dict or DictConfig) to log to W&B, secrets scrubbed.
     run_id: the id saved in the checkpoint, to continue the same W&B run; None starts a new one.
     """
-    from sparse_detr.config import check_choice
-
     if rank != 0:
         return NullTracker(run_id)
     check_choice("logger.name", cfg.name, LOGGER_NAMES)

@@ -8,28 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sparse_detr import naming
 from sparse_detr.config import config_dir, reports_config_errors, validate_run
+from sparse_detr.run_folder import record_start
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
-
-
-def record_run(cfg: DictConfig, run_dir: Path) -> None:
-    """The resolved config and the exact command line (appended: a resumed run adds a line)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    with open(run_dir / "command.txt", "a", encoding="utf-8") as handle:
-        handle.write(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
 
 
 def variant_name(cfg: DictConfig) -> str:
@@ -60,7 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     The run folder is locked for the whole run (`engine.run_lock`): a second start of the same
     run stops before it writes anything."""
     run_dir = run_dir_of(cfg)
-    validate_run(cfg, run_dir)
+    checked = validate_run(cfg, run_dir)
     from sparse_detr.engine import distributed  # heavy imports after the config is known good
     from sparse_detr.engine.run_lock import hold_run_folder
     from sparse_detr.engine.trainer import Trainer
@@ -69,8 +61,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with hold_run_folder(run_dir, ctx):
         name_tracking_run(cfg)
         if ctx.is_main:
-            record_run(cfg, run_dir)
-        trainer = Trainer(cfg, run_dir)
+            record_start(run_dir, cfg, sys.argv)
+        trainer = Trainer(cfg, run_dir, checked)
         try:
             metrics = trainer.fit()
         except BaseException:

@@ -13,7 +13,7 @@ from typing import List, Sequence
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
 
-from sparse_detr.sweep import distinct_jobs, run_dirs_of_jobs
+from sparse_detr.sweep.compose import distinct_jobs, run_dirs_of_jobs
 
 
 class DistinctRunsSweeper(BasicSweeper):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from sparse_detr.analysis.run_folders import parse_site_key
 from sparse_detr.analysis.sweep_table import INIT, mean_std
 from sparse_detr.analysis.tables import cell, markdown_table
-from sparse_detr.metrics.coco_eval import CLASS_AP
+from sparse_detr.metrics.names import CLASS_AP
 from sparse_detr.sites import SITES
 from sparse_detr.tracking import ALPHA
 

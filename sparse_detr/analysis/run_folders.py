@@ -1,79 +1,17 @@
-"""What a run folder holds, read back from local files only (no W&B needed).
-
-A run folder is one that holds `eval_metrics.json` or `checkpoint.pth` (what `sparse-detr-train`
-writes), next to `config.yaml`, `metrics.jsonl`, and `analysis/` once `sparse-detr-analyze` ran.
-"""
+"""What a run folder's files say, for analysis and reports: metric series, training time, alphas,
+logged sparsity, the run's config. Local files only (no W&B needed); the folder's layout and its
+file readers are `sparse_detr.run_folder`'s."""
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
-from sparse_detr.engine.trainer import METRICS_NAME as EVAL_METRICS_NAME
-from sparse_detr.tracking import (ALPHA, EPOCH_METRIC, METRICS_FILE, PAIBB, SEGMENT, SPARSITY, STEP_METRIC,
-                                  STEP_METRICS)
-
-ANALYSIS_DIR = "analysis"
-ANALYSIS_NAME = "analysis.json"
-KEPT = (STEP_METRIC, EPOCH_METRIC, "time", SEGMENT)  # what every line of metrics.jsonl has besides its metrics
-
-
-def is_run_folder(path: Path) -> bool:
-    return (path / EVAL_METRICS_NAME).is_file() or (path / CHECKPOINT_NAME).is_file()
-
-
-def find_run_folders(paths: Iterable[str | Path]) -> list[Path]:
-    """Every run folder at or below `paths` (resolved, sorted, each once); a run folder's own
-    subfolders are not searched. Raises FileNotFoundError for a path that is not a folder."""
-    found, seen = set(), set()
-    for path in map(Path, paths):
-        if not path.is_dir():
-            raise FileNotFoundError(f"{str(path)!r}: no such folder")
-        pending = [path.resolve()]
-        while pending:
-            folder = pending.pop()
-            if folder in seen:  # reached again through a symlink
-                continue
-            seen.add(folder)
-            if is_run_folder(folder):
-                found.add(folder)
-            else:
-                pending.extend(child.resolve() for child in folder.iterdir() if child.is_dir())
-    return sorted(found)
-
-
-def read_metrics_log(run_dir: str | Path, prefixes: Sequence[str] | None = None) -> list[dict]:
-    """The lines of `<run_dir>/metrics.jsonl` ([] when missing); a torn line is skipped.
-
-    prefixes: keep only the metrics whose key starts with one of these (plus each line's axis and
-    `time`), so that the long log of a real run stays small in memory.
-    """
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if prefixes is not None:
-                row = {k: v for k, v in row.items() if k in KEPT or k.startswith(tuple(prefixes))}
-            rows.append(row)
-    return rows
-
-
-def axis_of(key: str) -> str:
-    """The x axis a metric key is logged against: `global_step` or `epoch` (tracking.STEP_METRICS)."""
-    group = key.split("/", 1)[0]
-    if group not in STEP_METRICS:
-        raise KeyError(f"{key!r} is not a logged metric; groups: {', '.join(g + '/' for g in STEP_METRICS)}")
-    return STEP_METRICS[group]
+from sparse_detr.engine.checkpoint import load_training_checkpoint
+from sparse_detr.run_folder import SEGMENT, checkpoint_path, read_config
+from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY, axis_of
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -141,17 +79,14 @@ def logged_paibb(rows: list[dict]) -> float | None:
     return means[max(means)] if means else None
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
 
 def run_config(run_dir: str | Path) -> dict:
     """The resolved config of a run: `config.yaml`, else the checkpoint's saved "config"."""
-    run_dir = Path(run_dir)
-    if (run_dir / "config.yaml").is_file():
-        return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    if (run_dir / CHECKPOINT_NAME).is_file():
-        return load_training_checkpoint(run_dir / CHECKPOINT_NAME).get("config") or {}
+    saved = read_config(run_dir)
+    if saved is not None:
+        return OmegaConf.to_container(saved, resolve=True)
+    if checkpoint_path(run_dir).is_file():
+        return load_training_checkpoint(checkpoint_path(run_dir)).get("config") or {}
     return {}
 
 

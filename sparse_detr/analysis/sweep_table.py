@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sparse_detr.analysis.attention_stats import site_summary
-from sparse_detr.analysis.run_folders import (ANALYSIS_DIR, ANALYSIS_NAME, EVAL_METRICS_NAME, logged_sparsity,
-                                              last_logged, logged_paibb, read_json, read_metrics_log, run_config, select, training_time_s)
+from sparse_detr.analysis.run_folders import last_logged, logged_paibb, logged_sparsity, run_config, select, training_time_s
 from sparse_detr.naming import attention_and_placement
+from sparse_detr.run_folder import ANALYSIS_NAME, EVAL_METRICS_NAME, analysis_dir, read_json, read_metrics_log
 from sparse_detr.sites import SITES
 from sparse_detr.provenance import read_provenance, run_commits
-from sparse_detr.metrics.coco_eval import CLASS_AP
+from sparse_detr.metrics.names import CLASS_AP
 from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY
 
 VARIANT_COLUMNS = ("attention", "placement", "backbone", "data")
@@ -72,7 +72,7 @@ def run_record(run_dir: Path, coco_metrics: Sequence[str], sparsity_metrics: Seq
     config = run_config(run_dir)
     log = read_metrics_log(run_dir, prefixes=[SPARSITY + "/", ALPHA + "/", PAIBB + "/"]) if log is None else log
     coco = read_json(run_dir / EVAL_METRICS_NAME) or {}
-    analysis = read_json(run_dir / ANALYSIS_DIR / ANALYSIS_NAME)
+    analysis = read_json(analysis_dir(run_dir) / ANALYSIS_NAME)
     summary = analysis["summary"] if analysis else site_summary(logged_sparsity(log))
     if not analysis and logged_paibb(log) is not None:
         summary.setdefault("cross", {})["paibb"] = logged_paibb(log)

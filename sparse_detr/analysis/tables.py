@@ -1,8 +1,7 @@
-"""Writing result tables: CSV, strict JSON (NaN -> null) and Markdown."""
+"""Writing result tables: CSV and Markdown (strict JSON: `run_folder.write_json`)."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,23 +13,6 @@ def write_csv(path: Path, rows: Sequence[Mapping], columns: Sequence[str]) -> Pa
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    return path
-
-
-def json_safe(value):
-    """NaN and infinities -> None, at any depth; tuples -> lists; other values unchanged."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 

@@ -9,7 +9,6 @@ evaluation, so the learning curve shows how the goal was reached.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -19,10 +18,14 @@ from pathlib import Path
 
 import torch
 
+from sparse_detr.config import load_config
+from sparse_detr.data import build_dataset
+from sparse_detr.run_folder import EVAL_METRICS_NAME, read_json, read_metrics_log
+
 
 def learning_curve(run_dir: Path) -> list[tuple[int, int, float, float]]:
     """(epoch, seconds since start, AP50, AP) of every evaluation logged in metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics_log(run_dir)
     start = rows[0]["time"]
     return [(row["epoch"], round(row["time"] - start), row["val-epoch-metrics/AP50"], row["val-epoch-metrics/AP"])
             for row in rows if "val-epoch-metrics/AP50" in row]
@@ -35,9 +38,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="sparse_detr_bench_"))
 
-    from sparse_detr import load_config
-    from sparse_detr.data import build_dataset
-
     build_dataset(load_config(args.overrides).data, "val")  # generates the data set, untimed
 
     command = [sys.executable, "-m", "sparse_detr.train", *args.overrides, f"output_dir={run_dir}",
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
 
-    metrics = json.loads((run_dir / "eval_metrics.json").read_text())
+    metrics = read_json(run_dir / EVAL_METRICS_NAME)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"command: sparse-detr-train {' '.join(args.overrides)}")
     print(f"wall time: {wall / 60:.1f} min   AP50: {metrics['AP50']:.3f}   AP: {metrics['AP']:.3f}")

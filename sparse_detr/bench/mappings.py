@@ -31,6 +31,7 @@ import time
 import torch
 
 from sparse_detr.bench.training_step import training_step
+from sparse_detr.config import load_config
 from sparse_detr.models.mappings import attention_mapping
 
 SHAPES = {"encoder": (850, 850), "cross": (100, 850), "decoder-self": (100, 100)}
@@ -193,8 +194,6 @@ TRAINING_ATTENTION = {"softmax": ["attention=softmax"], "sparsemax": ["attention
 
 def _training_step(overrides: list[str], batch: int, height: int, width: int, device: torch.device):
     """A closure running one training step of the configured DETR on a fixed random batch."""
-    from sparse_detr import load_config
-
     return training_step(load_config([*overrides, "placement=all"]), batch, height, width, device)[1]
 
 

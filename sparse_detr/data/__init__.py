@@ -1,19 +1,24 @@
-"""Data sets for training and evaluation: `build_dataset(cfg.data, split)` and `num_classes(cfg.data)`.
+"""Data sets for training and evaluation: `build_dataset(data_cfg, split)` and `num_classes(data_cfg)`.
+
+`data_cfg` is best the checked `DataConfig` (`validate(cfg).data`), which is used as it is; a
+`data` node of a composed config (DictConfig or dict) is checked and converted once per call.
 
 `data=shapes` (default, generated), `data=coco` (COCO 2017) and `data=coco_format` (any
 COCO-format folder) all load through `coco.CocoDetection`. Batch with `collate.collate`.
 """
 from __future__ import annotations
 
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_detr.data.config import DataConfig
+
+# The builders import `coco`, `shapes` and `transforms` (torch) when called: the config schema
+# imports `sparse_detr.data.config`, which runs this file, and checking a config must not load torch.
 SPLITS = ("train", "val")
 
 
 def as_data_config(cfg):
     """The `data` node (DictConfig, dict or DataConfig) as a checked DataConfig."""
-    from omegaconf import DictConfig, OmegaConf
-
-    from sparse_detr.data.config import DataConfig
-
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
     return cfg if isinstance(cfg, DataConfig) else DataConfig(**cfg)
@@ -49,9 +54,10 @@ def evaluation_dataset(cfg, split: str):
     """A split as evaluation sees it: the training images too without random flips or resizes."""
     from sparse_detr.data.transforms import build_transforms
 
+    cfg = as_data_config(cfg)
     dataset = build_dataset(cfg, split)
     if split == "train":
-        dataset.transforms = build_transforms(as_data_config(cfg), train=False)
+        dataset.transforms = build_transforms(cfg, train=False)
     return dataset
 
 
@@ -60,7 +66,7 @@ def num_classes(cfg) -> int:
     from sparse_detr.data import coco
 
     name = cfg["name"] if isinstance(cfg, dict) else cfg.name
-    if name == "coco":  # known without the data on disk, so a COCO model builds anywhere
+    if name == "coco":  # known without the data on disk (or data.root), so a COCO model builds anywhere
         return coco.COCO_NUM_CLASSES
     cfg = as_data_config(cfg)
     if cfg.name == "shapes":

@@ -1,12 +1,15 @@
 """The `data` node of the config: which data set, where it lives, how it is augmented and batched.
 
-Defaults are those of the built-in `shapes` set, so the package runs out of the box. This module
-imports nothing from `sparse_detr.config` at import time, because that module imports this one.
+Defaults are those of the built-in `shapes` set, so the package runs out of the box. Light (no
+torch), as `sparse_detr.config` imports it into the schema of every entry point.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+from sparse_detr.checks import check_choice, check_range
+from sparse_detr.errors import ConfigError
 
 DATA_NAMES = ("shapes", "coco", "coco_format")
 SHAPE_NAMES = ("rectangle", "ellipse", "triangle", "cross", "diamond", "ring")
@@ -51,8 +54,6 @@ class DataConfig:
     num_workers: int = 1
 
     def __post_init__(self):
-        from sparse_detr.config import ConfigError, check_choice, check_range
-
         check_choice("data.name", self.name, DATA_NAMES)
         self._derive_sizes()
         for key in ("num_train", "num_val", "min_objects", "val_size", "max_size", "crop_min_size", "batch_size"):

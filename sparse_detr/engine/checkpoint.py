@@ -16,15 +16,7 @@ import torch
 from sparse_detr.atomic_files import write_atomically
 from sparse_detr.errors import UnreadableFile
 from sparse_detr.models.detr_checkpoint import read_checkpoint
-
-CHECKPOINT_NAME = "checkpoint.pth"
-PREVIOUS_CHECKPOINT_NAME = "checkpoint.prev.pth"
-
-
-def previous_checkpoint(path: str | Path) -> Path:
-    """`checkpoint.prev.pth` beside a run folder's `checkpoint.pth`."""
-    return Path(path).with_name(PREVIOUS_CHECKPOINT_NAME)
-
+from sparse_detr.run_folder import CHECKPOINT_NAME, previous_checkpoint
 
 def atomic_save(obj, path: str | Path, keep_previous: bool = False) -> None:
     """torch.save, atomically; keep_previous: the replaced file becomes `checkpoint.prev.pth`."""

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparse_detr.data import as_data_config
 from sparse_detr.data.image_files import read_image
 from sparse_detr.data.transforms import build_transforms
 from sparse_detr.engine.progress import Progress
@@ -54,7 +53,7 @@ def batches(items: Iterator, size: int) -> Iterator[list]:
 def predict_images(trained: TrainedModel, paths: Sequence[Path], *, threshold: float, batch_size: int,
                    device, attention: bool = False, progress: str = "auto") -> Iterator[ImagePrediction]:
     """Run the model over the images in `paths` order, `batch_size` at a time."""
-    transforms = build_transforms(as_data_config(trained.cfg.data), train=False)
+    transforms = build_transforms(trained.checked.data, train=False)
     bar = Progress(-(-len(paths) // batch_size), "predict", progress)
     for batch in batches(decoded(paths), batch_size):
         inputs = [transforms(image, {"boxes": torch.zeros(0, 4)})[0].to(device) for _, image in batch]

@@ -25,14 +25,14 @@ import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch.distributed as dist
 
 from sparse_detr.errors import UserError
+from sparse_detr.run_folder import LOCK_NAME
 
 log = logging.getLogger(__name__)
-LOCK_NAME = "run.lock"
 REQUEUE_WAIT_S = 120.0  # how long a requeued job waits for the lock its own earlier run may still hold
 
 

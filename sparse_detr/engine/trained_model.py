@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainedModel:
-    cfg: DictConfig           # the run's config (with any overrides), validated
+    cfg: DictConfig           # the run's config (with any overrides)
     model: torch.nn.Module    # in eval mode, on the requested device
     criterion: torch.nn.Module
     postprocessor: torch.nn.Module
     state: dict               # the training state saved with it: epoch, global_step, ...
     categories: list[dict]    # per label {"id": category id, "name": class name}
+    checked: TrainConfig      # `cfg` validated: typed sub-configs (e.g. `checked.data` for the data set)
 
 
 def load_trained_model(checkpoint: str | Path, overrides: Sequence[str] = (),
@@ -47,12 +48,12 @@ def load_trained_model(checkpoint: str | Path, overrides: Sequence[str] = (),
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved["config"], changes)
     except Exception as error:  # an unknown key or a badly typed value
         raise ConfigError(f"overrides={list(overrides)}: {error}") from error
-    validate(cfg)
+    checked = validate(cfg)
     model, criterion, postprocessor = build_model(cfg)
     model.load_state_dict(saved["model"])
     categories = saved.get("categories") or unnamed_categories(resolve_num_classes(cfg), checkpoint)
     return TrainedModel(cfg, model.to(device).eval(), criterion.to(device), postprocessor, saved.get("state", {}),
-                        categories)
+                        categories, checked)
 
 
 def unnamed_categories(num_classes: int, checkpoint) -> list[dict]:

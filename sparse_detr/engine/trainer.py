@@ -9,28 +9,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from sparse_detr.config import TrainConfig, validate
 from sparse_detr.data import build_dataset
 from sparse_detr.data.coco import category_table
 from sparse_detr.data.collate import collate
 from sparse_detr.engine import distributed
-from sparse_detr.engine.checkpoint import (CHECKPOINT_NAME, atomic_save, load_training_checkpoint,
-                                           restore_rng_states, rng_states)
+from sparse_detr.engine.checkpoint import atomic_save, load_training_checkpoint, restore_rng_states, rng_states
 from sparse_detr.engine.loop import TrainState, evaluate, mean_across_ranks, train_one_epoch, unwrap
 from sparse_detr.engine.optim import build_optimizer, build_scheduler
 from sparse_detr.engine.preemption import PreemptionGuard
 from sparse_detr.errors import ConfigError
 from sparse_detr.engine.sampling import EpochSampler, SeededSamples
-from sparse_detr.metrics.coco_eval import CocoEvaluator, write_metrics_json
+from sparse_detr.metrics.coco_eval import CocoEvaluator
 from sparse_detr.metrics.paibb_sizes import PaibbBySize, paibb_metrics
 from sparse_detr.metrics.sparsity import SparsityAccumulator
 from sparse_detr.models.detr import build_model
 from sparse_detr.models.detr_checkpoint import model_state_dict, read_checkpoint
+from sparse_detr.run_folder import EVAL_METRICS_NAME, checkpoint_path, write_json
 from sparse_detr.provenance import collect as collect_provenance
 from sparse_detr.provenance import record_provenance
 from sparse_detr.tracking import SPARSITY, TRAIN_EPOCH_MAIN, VAL_EPOCH, build_tracker
 
 log = logging.getLogger(__name__)
-METRICS_NAME = "eval_metrics.json"
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, sampler: EpochSampler, drop_last: bool) -> DataLoader:
@@ -87,8 +87,12 @@ def sparsity_metrics(values: dict) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, checked: TrainConfig | None = None):
+        """cfg: the composed config (saved in checkpoints as it is); checked: `validate(cfg)`, when
+        the caller has it already (`sparse-detr-train` does), else validated here."""
         self.cfg = cfg
+        self.checked = checked if checked is not None else validate(cfg)
+        data = self.checked.data
         self.run_dir = Path(run_dir)
         self.ctx = distributed.setup(cfg.train.device)
         if self.ctx.device.type != "cuda" and cfg.train.amp != "none":
@@ -101,13 +105,13 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.schedule)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" and self.ctx.device.type == "cuda" else None
         self.state = TrainState()
-        train_set = build_dataset(cfg.data, "train")
-        self.val_set = build_dataset(cfg.data, "val")
+        train_set = build_dataset(data, "train")
+        self.val_set = build_dataset(data, "val")
         self.train_samples = SeededSamples(train_set, cfg.seed)
         self.train_sampler = EpochSampler(len(train_set), cfg.seed, True, self.ctx.rank, self.ctx.world_size)
-        self.batches_per_epoch = len(self.train_sampler) // cfg.data.batch_size
+        self.batches_per_epoch = len(self.train_sampler) // data.batch_size
         if self.batches_per_epoch == 0:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(self.train_sampler)} "
+            raise ConfigError(f"data.batch_size={data.batch_size} is larger than the {len(self.train_sampler)} "
                              f"training images each process gets; lower it or add images")
         self.val_sampler = EpochSampler(len(self.val_set), cfg.seed, False, self.ctx.rank, self.ctx.world_size)
         self.tracker_run_id = None
@@ -129,7 +133,7 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / CHECKPOINT_NAME
+        return checkpoint_path(self.run_dir)
 
     def _restore(self) -> None:
         """The run folder's own checkpoint, once there is one; else `resume=` or `init_from=`, which
@@ -200,14 +204,13 @@ class Trainer:
         return self.cfg.train.max_steps is not None and self.state.global_step >= self.cfg.train.max_steps
 
     def evaluate(self) -> dict[str, float]:
-        loader = make_loader(self.val_set, self.cfg.data.batch_size, self.cfg.data.num_workers, self.val_sampler, False)
+        loader = make_loader(self.val_set, self.checked.data.batch_size, self.checked.data.num_workers, self.val_sampler, False)
         evaluator = CocoEvaluator(self.val_set.coco, self.val_set.label_to_category)
         sparsity, paibb = SparsityAccumulator(), PaibbBySize()
         metrics = evaluate(self.network, self.postprocessor, loader, evaluator, device=self.ctx.device,
                            loop_cfg=self.cfg.train, sparsity=sparsity, paibb=paibb, criterion=self.criterion)
         if self.ctx.is_main:
-            write_metrics_json({**metrics, "epoch": self.state.epoch, "global_step": self.state.global_step},
-                               self.run_dir / METRICS_NAME)
+            write_json(self.run_dir / EVAL_METRICS_NAME, {**metrics, "epoch": self.state.epoch, "global_step": self.state.global_step})
             self.tracker.log_epoch({f"{VAL_EPOCH}/{k}": v for k, v in metrics.items()}, epoch=self.state.epoch)
             self.tracker.log({**sparsity_metrics(sparsity.compute()), **paibb_metrics(paibb.compute())},
                              step=self.state.global_step)
@@ -215,11 +218,11 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
-        loader = make_loader(self.train_samples, cfg.data.batch_size, cfg.data.num_workers, self.train_sampler, True)
+        loader = make_loader(self.train_samples, self.checked.data.batch_size, self.checked.data.num_workers, self.train_sampler, True)
         metrics: dict[str, float] = {}
         while self.state.epoch < cfg.schedule.epochs and not self._max_steps_reached():
             epoch = self.state.epoch
-            self.train_sampler.set_epoch(epoch, skip=self.state.batch_in_epoch * cfg.data.batch_size)
+            self.train_sampler.set_epoch(epoch, skip=self.state.batch_in_epoch * self.checked.data.batch_size)
             self.train_samples.epoch = epoch
             means = train_one_epoch(self.network, self.criterion, loader, self.optimizer, self.state,
                                     device=self.ctx.device, loop_cfg=cfg.train, clip_max_norm=cfg.optim.clip_max_norm,

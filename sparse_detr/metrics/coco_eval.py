@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -24,11 +23,8 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from sparse_detr.atomic_files import write_atomically
+from sparse_detr.metrics.names import CLASS_AP, METRIC_NAMES
 
-# The order of COCOeval.stats after summarize().
-METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-CLASS_AP = "AP_class"   # per-class AP keys: "AP_class/<category name>"
 
 
 class CocoEvaluator:
@@ -144,17 +140,3 @@ class CocoEvaluator:
         empty.createIndex()
         return empty
 
-
-def write_metrics_json(metrics: Mapping[str, float], path: str | os.PathLike) -> None:
-    """Write metrics to `path` as strict JSON (NaN -> null), atomically.
-
-    A reader (a report collecting a sweep, a requeued job) never sees a half-written file, and the
-    file gets the umask's permissions, as the checkpoint beside it does (`atomic_files`).
-    """
-    values = {name: None if isinstance(v, float) and math.isnan(v) else v for name, v in metrics.items()}
-
-    def dump(file) -> None:
-        json.dump(values, file, indent=2, allow_nan=False)
-        file.write("\n")
-
-    write_atomically(path, dump, binary=False)

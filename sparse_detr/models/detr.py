@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
 
+from sparse_detr.data import num_classes
 from sparse_detr.data.collate import pad_images
+from sparse_detr.matching.criterion import build_criterion
 from sparse_detr.models.backbone import Joiner, build_backbone
 from sparse_detr.models.mappings import MAPPINGS
 from sparse_detr.models.transformer import Transformer
@@ -100,15 +102,11 @@ def site_mapping_factories(cfg) -> dict:
 def resolve_num_classes(cfg) -> int:
     if cfg.model.num_classes is not None:
         return cfg.model.num_classes
-    from sparse_detr.data import num_classes
-
     return num_classes(cfg.data)
 
 
 def build_model(cfg) -> tuple[DETR, nn.Module, PostProcess]:
     """cfg (the composed config) -> (model, criterion, postprocessor)."""
-    from sparse_detr.matching.criterion import build_criterion
-
     train_backbone = cfg.optim.lr_backbone > 0 if "optim" in cfg else True
     backbone = build_backbone(cfg.backbone, cfg.model, train_backbone)
     transformer = Transformer(

@@ -8,11 +8,12 @@ import torch
 from torchvision.ops import box_convert
 
 from sparse_detr.analysis.attention_stats import AttentionStats
+from sparse_detr.analysis.run_folders import alpha_trajectories
 from sparse_detr.metrics.paibb_sizes import matched_pairs
-from sparse_detr.analysis.run_folders import alpha_trajectories, read_metrics_log
 from sparse_detr.data.coco import category_table
 from sparse_detr.engine.trained_model import TrainedModel
 from sparse_detr.metrics.sparsity import METRICS
+from sparse_detr.run_folder import read_metrics_log
 from sparse_detr.tracking import ALPHA
 from sparse_detr.viz import save_figure
 from sparse_detr.viz.alphas import alpha_grids, alpha_heatmap_figure, alpha_trajectories_figure

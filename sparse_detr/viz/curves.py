@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sparse_detr.analysis.run_folders import axis_of, series
+from sparse_detr.analysis.run_folders import series
+from sparse_detr.tracking import axis_of
 from sparse_detr.viz import new_figure
 
 

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 import sparse_detr.analyze
 import sparse_detr.report
 from sparse_detr import load_config
-from sparse_detr.analysis.run_folders import find_run_folders, read_metrics_log, series, training_time_s
+from sparse_detr.analysis.run_folders import series, training_time_s
+from sparse_detr.run_folder import find_run_folders, read_metrics_log
 from sparse_detr.config import ConfigError
 
 SMOKE = ["experiment=smoke", "schedule.epochs=1", "logger=none", "train.progress=off",

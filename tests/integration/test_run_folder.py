@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, load_training_checkpoint
+from sparse_detr.engine.checkpoint import load_training_checkpoint
+from sparse_detr.run_folder import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME
 
 SMOKE = ["experiment=smoke", "train.progress=off", "logger=none"]
 

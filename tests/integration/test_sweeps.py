@@ -15,8 +15,9 @@ import sys
 import pytest
 from slurm_sweeps import BASE, checkpoint_step, job_ids, sweep_process, sweep_status, wait_for_exit
 
-from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
-from sparse_detr.sweep import sbatch_script
+from sparse_detr.engine.checkpoint import load_training_checkpoint
+from sparse_detr.run_folder import CHECKPOINT_NAME
+from sparse_detr.sweep.slurm import sbatch_script
 
 pytestmark = pytest.mark.slurm
 

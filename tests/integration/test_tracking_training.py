@@ -10,7 +10,8 @@ import torch
 from wandb_reader import read_wandb_run
 
 import sparse_detr
-from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
+from sparse_detr.engine.checkpoint import load_training_checkpoint
+from sparse_detr.run_folder import CHECKPOINT_NAME
 
 
 def train(run_dir, max_steps):

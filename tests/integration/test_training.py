@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
+from sparse_detr.engine.checkpoint import load_training_checkpoint
+from sparse_detr.run_folder import CHECKPOINT_NAME
 
 SMOKE = ["experiment=smoke", "train.checkpoint_every=1", "train.progress=off", "logger=none"]
 

@@ -21,7 +21,8 @@ from slurm_sweeps import checkpoint_step, job_ids, sweep_process, sweep_status, 
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 from sparse_detr.engine import distributed
-from sparse_detr.engine.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
+from sparse_detr.engine.checkpoint import load_training_checkpoint
+from sparse_detr.run_folder import CHECKPOINT_NAME
 
 pytestmark = pytest.mark.slurm
 

@@ -1,12 +1,11 @@
 """CocoEvaluator on a tiny COCO-format data set with sparse category ids and boxes of every size."""
 import json
 import math
-import os
 
 import pytest
 import torch
 
-from sparse_detr.metrics.coco_eval import METRIC_NAMES, CocoEvaluator, write_metrics_json
+from sparse_detr.metrics.coco_eval import METRIC_NAMES, CocoEvaluator
 
 CATEGORY_IDS = [3, 7, 12]  # label 0, 1, 2
 SMALL, MEDIUM, LARGE = (10, 12), (50, 60), (200, 150)  # (w, h): area < 32^2, < 96^2, >= 96^2
@@ -100,15 +99,6 @@ def test_only_updated_images_are_scored_and_missing_kinds_are_nan(annotation_fil
     assert all(math.isnan(value) for value in evaluator.compute().values())
     evaluator.update(ground_truth_as_predictions([1]))
     assert evaluator.compute()["AP"] == pytest.approx(1.0)
-
-
-def test_metrics_json_is_written_atomically_with_nan_as_null(tmp_path):
-    metrics = {name: 0.5 for name in METRIC_NAMES} | {"APs": math.nan}
-    path = tmp_path / "eval" / "metrics.json"
-    write_metrics_json(metrics, path)
-    write_metrics_json(metrics, path)  # replaces the file
-    assert json.loads(path.read_text()) == {name: 0.5 for name in METRIC_NAMES} | {"APs": None}
-    assert os.listdir(path.parent) == ["metrics.json"]  # no temporary file left behind
 
 
 def shard_predictions(rank):

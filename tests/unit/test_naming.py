@@ -7,7 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from sparse_detr import naming
 from sparse_detr.config import config_dir
-from sparse_detr.sweep import compose_with_hydra, job_config
+from sparse_detr.sweep.compose import compose_with_hydra, job_config
 
 COCO_FORMAT = ["data=coco_format", "data.train_images=/data/pets/train", "data.train_annotations=/data/pets/train.json",
                "data.val_images=/data/pets/val", "data.val_annotations=/data/pets/val.json"]

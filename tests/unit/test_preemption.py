@@ -10,7 +10,8 @@ import torch
 
 from sparse_detr.engine import distributed
 from sparse_detr.engine.checkpoint import load_training_checkpoint
-from sparse_detr.engine.preemption import PreemptionGuard, signal_names, to_signal
+from sparse_detr.engine.preemption import PreemptionGuard
+from sparse_detr.signals import signal_names, to_signal
 
 
 @pytest.fixture

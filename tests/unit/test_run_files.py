@@ -3,6 +3,8 @@ checkpoints kept; a full disk or an unreadable checkpoint reported in one line n
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import shutil
 import stat
@@ -14,11 +16,11 @@ import pytest
 import torch
 
 from sparse_detr.config import reports_config_errors
-from sparse_detr.engine.checkpoint import (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, atomic_save,
-                                           load_training_checkpoint)
+from sparse_detr.engine.checkpoint import atomic_save, load_training_checkpoint
 from sparse_detr.errors import DiskFull, UnreadableFile
-from sparse_detr.metrics.coco_eval import write_metrics_json
+from sparse_detr.metrics.coco_eval import METRIC_NAMES
 from sparse_detr.models.detr_checkpoint import read_checkpoint
+from sparse_detr.run_folder import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, write_json
 
 
 def mode(path: Path) -> int:
@@ -36,8 +38,8 @@ def umask():
 @pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_metrics_and_checkpoints_get_the_permissions_the_umask_gives(tmp_path, umask, mask, expected):
     umask(mask)
-    write_metrics_json({"AP": 0.5}, tmp_path / "eval_metrics.json")
-    write_metrics_json({"AP": 0.6}, tmp_path / "eval_val.json")
+    write_json(tmp_path / "eval_metrics.json", {"AP": 0.5})
+    write_json(tmp_path / "eval_val.json", {"AP": 0.6})
     atomic_save({"step": 1}, tmp_path / CHECKPOINT_NAME, keep_previous=True)
     atomic_save({"step": 2}, tmp_path / CHECKPOINT_NAME, keep_previous=True)
     for name in ("eval_metrics.json", "eval_val.json", CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME):
@@ -141,3 +143,12 @@ def test_entry_points_report_a_user_error_in_one_line_with_status_2(error, capsy
         entry_point()
     assert exited.value.code == 2
     assert capsys.readouterr().err == f"error: {error}\n"
+
+
+def test_metrics_json_is_written_atomically_with_nan_as_null(tmp_path):
+    metrics = {name: 0.5 for name in METRIC_NAMES} | {"APs": math.nan}
+    path = tmp_path / "eval" / "metrics.json"
+    write_json(path, metrics)
+    write_json(path, metrics)  # replaces the file
+    assert json.loads(path.read_text()) == {name: 0.5 for name in METRIC_NAMES} | {"APs": None}
+    assert os.listdir(path.parent) == ["metrics.json"]  # no temporary file left behind

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from sparse_detr.engine.distributed import DistributedContext
-from sparse_detr.engine.run_lock import LOCK_NAME, RunFolderBusy, hold_run_folder, try_lock
+from sparse_detr.engine.run_lock import RunFolderBusy, hold_run_folder, try_lock
+from sparse_detr.run_folder import LOCK_NAME
 
 
 def test_a_second_holder_is_refused_naming_the_first_and_the_lock_is_free_after(tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sparse_detr.sweep import main
-from sparse_detr.sweep_status import MANIFEST_NAME, decide_state, format_table, sweep_status, write_manifest
+from sparse_detr.sweep.manifest import MANIFEST_NAME, write_manifest
+from sparse_detr.sweep.status import decide_state, format_table, sweep_status
 
 
 def make_run(sweep: Path, name: str, *, epochs: int = 4, done_epochs: int | None = None, step: int = 0,

@@ -204,7 +204,8 @@ def test_logger_config_group(compose):
 def test_training_time_is_the_sum_of_the_segments_not_the_downtime_between(tmp_path, monkeypatch):
     """A run that trained 20 s, waited an hour in the queue, and trained 30 s more trained 50 s."""
     from sparse_detr import tracking
-    from sparse_detr.analysis.run_folders import read_metrics_log, training_time_s
+    from sparse_detr.analysis.run_folders import training_time_s
+    from sparse_detr.run_folder import read_metrics_log
 
     clock = iter([1000.0, 1010.0, 1020.0, 4600.0, 4605.0, 4630.0])
     monkeypatch.setattr(tracking.time, "time", lambda: next(clock))

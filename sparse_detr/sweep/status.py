@@ -2,20 +2,14 @@
 
 States: `pending` (not started), `running`, `requeued` (signalled and waiting to run again),
 `done`, `failed`, `stopped` (not running, not finished: start the sweep again to resume it).
-For SLURM jobs the state comes from `sacct`; otherwise from the run folder's files. Nothing read
-here is ever executed: submitit's result pickles are read as opcodes, checkpoints with
-`weights_only`. The runs not started yet come from `<sweep dir>/sweep_runs.json`, the manifest
-that `sparse_detr.sweep.ValidateSweep` writes before launching.
+For SLURM jobs the state comes from `sacct`; otherwise from the run folder's files, read through
+`sparse_detr.run_folder`. Nothing read here is ever executed: checkpoints are read with
+`weights_only`. The runs not started yet come from the sweep's manifest (`manifest.py`).
 """
 from __future__ import annotations
 
-import io
-import json
 import os
-import pickletools
 import re
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,46 +17,15 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-MANIFEST_NAME = "sweep_runs.json"
-SUBMITIT_DIR = ".submitit"
+from sparse_detr.run_folder import (CONFIG_NAME, EPOCH_METRIC, EVAL_METRICS_NAME, STEP_METRIC, checkpoint_path,
+                                    newest_mtime, read_config, read_json, read_metrics_log)
+from sparse_detr.sweep.manifest import read_manifest
+from sparse_detr.sweep.slurm import (SLURM_FAILED, SLURM_RUNNING, SLURM_WAITING, SUBMITIT_DIR, array_id, pid_alive,
+                                     sacct_states, submitit_jobs, submitit_result)
+from sparse_detr.tracking import TRAIN_EPOCH_MAIN
+
 ACTIVE_WINDOW_S = 600   # files touched this recently: the run is taken to be running
 
-# sacct states, grouped by what `status` shows
-SLURM_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT"}
-SLURM_WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "STOPPED", "RESV_DEL_HOLD"}
-SLURM_FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-                "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
-
-
-# ---------------------------------------------------------------------------------------------
-# the run list of a sweep
-
-def write_manifest(sweep_dir: Path, runs: list[dict], launcher: str, cluster: str) -> Path:
-    """Add this launch's runs to `<sweep dir>/sweep_runs.json` (a relaunch updates its entries)."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    path = sweep_dir / MANIFEST_NAME
-    entries = {r["run_dir"]: r for r in read_manifest(sweep_dir)}
-    launched_at = time.time()
-    for run in runs:
-        run_dir = Path(run["run_dir"])
-        relative = os.path.relpath(run_dir, sweep_dir) if run_dir.is_relative_to(sweep_dir) else str(run_dir)
-        entries[relative] = {**run, "run_dir": relative, "launcher": launcher, "cluster": cluster,
-                             "launched_at": launched_at, "launch_size": len(runs)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"runs": list(entries.values())}, indent=1))
-    tmp.replace(path)
-    return path
-
-
-def read_manifest(sweep_dir: Path) -> list[dict]:
-    try:
-        return list(json.loads((sweep_dir / MANIFEST_NAME).read_text())["runs"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
-# ---------------------------------------------------------------------------------------------
-# the state of every run
 
 @dataclass
 class RunStatus:
@@ -91,43 +54,40 @@ def read_checkpoint_state(path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        import torch
+        import torch  # only here: `status` of a sweep without checkpoints needs no torch
 
         return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state"])
     except Exception:  # being replaced right now, or not a checkpoint
         return None
 
 
-def read_eval_metrics(path: Path) -> Optional[dict]:
+def read_eval_metrics(run_dir: Path) -> Optional[dict]:
+    """`eval_metrics.json`, or None when missing or being replaced right now."""
     try:
-        return json.loads(path.read_text())
+        return read_json(run_dir / EVAL_METRICS_NAME)
     except (OSError, ValueError):
         return None
 
 
-def last_metrics_position(path: Path) -> tuple[Optional[int], Optional[int]]:
+def last_metrics_position(run_dir: Path) -> tuple[Optional[int], Optional[int]]:
     """(epochs, step) from `metrics.jsonl` when there is no checkpoint to read."""
     epoch = step = None
     try:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if "global_step" in row:
-                    step = max(step or 0, int(row["global_step"]))
-                if "epoch" in row and any(k.startswith("train-epoch") for k in row):
-                    epoch = max(epoch or 0, int(row["epoch"]) + 1)
+        rows = read_metrics_log(run_dir)
     except OSError:
-        pass
+        rows = []
+    for row in rows:
+        if STEP_METRIC in row:
+            step = max(step or 0, int(row[STEP_METRIC]))
+        if EPOCH_METRIC in row and any(k.startswith(TRAIN_EPOCH_MAIN) for k in row):
+            epoch = max(epoch or 0, int(row[EPOCH_METRIC]) + 1)
     return epoch, step
 
 
 def discover_run_dirs(sweep_dir: Path) -> list[Path]:
     """Folders of the sweep that Hydra or the trainer wrote a run into."""
     found = set()
-    for marker in ("config.yaml", ".hydra"):
+    for marker in (CONFIG_NAME, ".hydra"):
         for path in sweep_dir.rglob(marker):
             if SUBMITIT_DIR in path.parts or path.parent.name == ".hydra":
                 continue
@@ -147,79 +107,6 @@ def hydra_job_id(folder: Path) -> str:
     cfg = _load_yaml(folder / ".hydra" / "hydra.yaml")
     value = OmegaConf.select(cfg, "hydra.job.id", default=None) if cfg is not None else None
     return str(value) if value not in (None, "???") and re.fullmatch(r"\d+(_\d+)?", str(value)) else ""
-
-
-def submitit_jobs(sweep_dir: Path) -> dict[str, Path]:
-    """submitit's job folders of the sweep: job id -> folder."""
-    root = sweep_dir / SUBMITIT_DIR
-    if not root.is_dir():
-        return {}
-    return {p.name: p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"\d+(_\d+)?", p.name)}
-
-
-SUBMITIT_OUTCOMES = ("success", "error")
-STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
-
-
-def submitit_result(folder: Path, job_id: str) -> str:
-    """'success' or 'error' when the job has written its result, else ''.
-
-    submitit writes `("success", value)` or `("error", traceback)`. The file is never unpickled
-    (unpickling runs whatever code a crafted file names): the outcome is the first string the
-    pickle pushes, read from its opcodes by `pickletools.genops`, which decodes and executes nothing.
-    """
-    path = folder / f"{job_id}_0_result.pkl"
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4096)
-        for opcode, argument, _ in pickletools.genops(io.BytesIO(head)):
-            if opcode.name in ("PROTO", "FRAME"):
-                continue
-            return argument if opcode.name in STRING_OPCODES and argument in SUBMITIT_OUTCOMES else ""
-    except (OSError, ValueError):  # absent, unreadable, or not a pickle
-        pass
-    return ""
-
-
-def sacct_states(job_ids: Sequence[str]) -> Optional[dict[str, list[str]]]:
-    """job id -> the states of each of its runs, oldest first (REQUEUED for each requeue);
-    None when sacct is not there or does not answer."""
-    if not job_ids or shutil.which("sacct") is None:
-        return None
-    try:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "--duplicates", "-o", "JobID,State",
-                              "-j", ",".join(sorted(set(job_ids)))],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    states: dict[str, list[str]] = {}
-    for line in out.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) >= 2 and parts[0]:
-            states.setdefault(parts[0], []).append(parts[1].split()[0] if parts[1] else "")
-    return states
-
-
-def _array_id(job_id: str) -> int:
-    return int(job_id.split("_")[0])
-
-
-def _pid_alive(job_id: str) -> bool:
-    try:
-        os.kill(int(job_id), 0)
-        return True
-    except (ValueError, OSError):
-        return False
-
-
-def newest_mtime(run_dir: Path) -> Optional[float]:
-    times = []
-    for name in ("metrics.jsonl", "checkpoint.pth", "eval_metrics.json", "config.yaml"):
-        try:
-            times.append((run_dir / name).stat().st_mtime)
-        except OSError:
-            pass
-    return max(times) if times else None
 
 
 def decide_state(*, started: bool, finished: bool, scheduler: list[str], result: str,
@@ -273,7 +160,7 @@ def sweep_status(sweep_dir: str | Path, use_sacct: bool = True, notes: Optional[
             candidates = [(folder.stat().st_mtime, jid) for jid, folder in jobs.items()
                           if (jid.endswith(f"_{entry['array_index']}") or (single and "_" not in jid))
                           and folder.stat().st_mtime >= entry["launched_at"] - 5]
-            if candidates and (not job or _array_id(max(candidates)[1]) >= _array_id(job)):
+            if candidates and (not job or array_id(max(candidates)[1]) >= array_id(job)):
                 job = max(candidates)[1]
         job_of[run_dir] = job
 
@@ -285,12 +172,12 @@ def sweep_status(sweep_dir: str | Path, use_sacct: bool = True, notes: Optional[
     now, statuses = time.time(), []
     for run_dir, entry in sorted(runs.items(), key=lambda item: str(item[0])):
         job = job_of[run_dir]
-        cfg = _load_yaml(run_dir / "config.yaml")
+        cfg = read_config(run_dir)
         epochs = OmegaConf.select(cfg, "schedule.epochs") if cfg is not None else None
         max_steps = OmegaConf.select(cfg, "train.max_steps") if cfg is not None else None
-        state = read_checkpoint_state(run_dir / "checkpoint.pth")
-        epoch, step = (state.get("epoch"), state.get("global_step")) if state else last_metrics_position(run_dir / "metrics.jsonl")
-        metrics = read_eval_metrics(run_dir / "eval_metrics.json")
+        state = read_checkpoint_state(checkpoint_path(run_dir))
+        epoch, step = (state.get("epoch"), state.get("global_step")) if state else last_metrics_position(run_dir)
+        metrics = read_eval_metrics(run_dir)
         finished = bool(metrics) and (
             (epochs is not None and metrics.get("epoch") == epochs)
             or (max_steps is not None and (metrics.get("global_step") or 0) >= max_steps))
@@ -303,7 +190,7 @@ def sweep_status(sweep_dir: str | Path, use_sacct: bool = True, notes: Optional[
                 started=updated is not None, finished=finished,
                 scheduler=(scheduler or {}).get(job, []) if not local else [],
                 result=submitit_result(jobs[job], job) if job in jobs else "",
-                local_alive=_pid_alive(job) if local and job else None,
+                local_alive=pid_alive(job) if local and job else None,
                 updated=updated, now=now),
             job=job, epoch=epoch, epochs=epochs, step=step,
             ap=metrics.get("AP") if metrics else None, ap_epoch=metrics.get("epoch") if metrics else None,

@@ -1,0 +1,96 @@
+"""Composing the runs of a sweep the way Hydra's launcher will, outside Hydra's own run.
+
+Used by the validation callback (every run checked before launch), the sbatch preview and the
+sweeper in hydra_plugins/sparse_detr_sweeper (each distinct run folder launched once).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from sparse_detr import naming  # noqa: F401  (registers ${sparse_detr.variant:}, which run folders use)
+from sparse_detr.config import load_config
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# what conf/train.yaml selects (hydra/sweeper=distinct_runs): the basic sweeper, each distinct run launched once
+DISTINCT_RUNS_SWEEPER = "hydra_plugins.sparse_detr_sweeper.distinct_runs_sweeper.DistinctRunsSweeper"
+
+
+@contextlib.contextmanager
+def hydra_config_of(cfg: DictConfig) -> Iterator[None]:
+    """Make `${hydra:...}` resolve against `cfg` for a while (the sweep dir and subdir use it)."""
+    instance = HydraConfig.instance()
+    previous, readonly = instance.cfg, OmegaConf.is_readonly(cfg.hydra)
+    instance.set_config(cfg)  # (makes cfg.hydra read-only)
+    try:
+        yield
+    finally:
+        instance.cfg = previous
+        OmegaConf.set_readonly(cfg.hydra, readonly)
+
+
+def sweep_overrides(config: DictConfig, config_loader) -> Optional[list[list[str]]]:
+    """The override list of every run of the sweep, as Hydra's basic sweeper expands it
+    (`hydra.sweeper.params` and the command line); None for another sweeper."""
+    sweeper = config.hydra.sweeper
+    if OmegaConf.select(sweeper, "_target_") not in (BASIC_SWEEPER, DISTINCT_RUNS_SWEEPER):
+        return None
+    params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    parser = OverridesParser.create(config_loader=config_loader)
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(params + list(task)), sweeper.max_batch_size)
+    return [list(job) for batch in batches for job in batch]
+
+
+def job_config(sweep_config: DictConfig) -> DictConfig:
+    """What the task function gets: the composed config without its `hydra` node."""
+    task = copy.deepcopy(sweep_config)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
+
+
+def run_dir_of(sweep_config: DictConfig) -> Path:
+    """The run folder of one run of a sweep (`output_dir`, else hydra.sweep.dir/subdir)."""
+    with hydra_config_of(sweep_config):
+        if sweep_config.get("output_dir"):
+            return Path(str(sweep_config.output_dir)).absolute()
+        return (Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)).absolute()
+
+
+def run_dirs_of_jobs(config: DictConfig, loader, jobs: Sequence[Sequence[str]]) -> list[Path]:
+    """The run folder each job of a sweep writes into (jobs that name the same model share one)."""
+    return [run_dir_of(loader.load_sweep_config(config, list(overrides))) for overrides in jobs]
+
+
+def distinct_jobs(jobs: Sequence[Sequence[str]], run_dirs: Sequence[Path]) -> tuple[list[int], dict[int, int]]:
+    """(indices of the jobs to launch: the first for each run folder, {duplicate index: the index it repeats})."""
+    first: dict[Path, int] = {}
+    kept, duplicates = [], {}
+    for num, run_dir in enumerate(run_dirs):
+        if run_dir in first:
+            duplicates[num] = first[run_dir]
+        else:
+            first[run_dir] = num
+            kept.append(num)
+    return kept, duplicates
+
+
+def compose_with_hydra(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
+    """The config with its `hydra` node, as the launcher sees it."""
+    # The job name the entry point has (`sparse-detr-train` runs the `train` module).
+    return load_config([f"hydra.job.name={config_name}", *overrides], config_name, return_hydra_config=True)
+
+
+def hydra_message(error: BaseException) -> str:
+    """Hydra wraps some errors in an exception without a message of its own."""
+    while not str(error) and error.__cause__ is not None:
+        error = error.__cause__
+    return str(error) or type(error).__name__
