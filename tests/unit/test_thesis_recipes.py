@@ -15,7 +15,7 @@ from sparse_detr.config import load_config, validate
 from sparse_detr.engine.optim import build_optimizer, build_scheduler
 from sparse_detr.models.detr import build_model
 from sparse_detr.models.mappings import attention_mapping
-from sparse_detr.sweep import sbatch_script
+from sparse_detr.sweep.slurm import sbatch_script
 
 THESIS = {
     "backbone.name": "resnet50", "backbone.dilation": False, "optim.lr_backbone": 1e-5,
