@@ -8,7 +8,6 @@ from a git checkout (an installed wheel) or git is not there.
 """
 from __future__ import annotations
 
-import json
 import platform
 import socket
 import subprocess
@@ -19,9 +18,8 @@ from typing import Any
 
 import torch
 
-from sparse_detr.atomic_files import write_atomically
+from sparse_detr.run_folder import PROVENANCE_NAME, read_json, write_json
 
-PROVENANCE_NAME = "provenance.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
 DISTRIBUTION = "sparse-detr"
 
@@ -72,7 +70,7 @@ def collect(package_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
 def read_provenance(run_dir: str | Path) -> dict[str, Any] | None:
     """The run folder's provenance.json, or None if it has none (or it cannot be read)."""
     try:
-        return json.loads((Path(run_dir) / PROVENANCE_NAME).read_text(encoding="utf-8"))
+        return read_json(Path(run_dir) / PROVENANCE_NAME)
     except (OSError, ValueError):
         return None
 
@@ -83,8 +81,7 @@ def record_provenance(run_dir: str | Path, record: dict[str, Any]) -> None:
     earlier = previous.pop("earlier", [])
     if previous:
         earlier.append(previous)
-    text = json.dumps({**record, "earlier": earlier}, indent=2)
-    write_atomically(Path(run_dir) / PROVENANCE_NAME, lambda handle: handle.write(text), binary=False)
+    write_json(Path(run_dir) / PROVENANCE_NAME, {**record, "earlier": earlier})
 
 
 def run_commits(provenance: dict[str, Any] | None) -> set[str]:

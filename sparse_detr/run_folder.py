@@ -39,6 +39,7 @@ METRICS_LOG_NAME = "metrics.jsonl"
 EVAL_METRICS_NAME = "eval_metrics.json"
 ANALYSIS_DIR = "analysis"
 ANALYSIS_NAME = "analysis.json"
+PROVENANCE_NAME = "provenance.json"
 
 # Every line of metrics.jsonl has its axis (one of the two), the time it was written and its
 # segment: the time the process that wrote it started tracking.

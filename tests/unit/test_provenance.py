@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sparse_detr.analysis.sweep_table import CODE_COLUMN, mixed_code
-from sparse_detr.provenance import (PROVENANCE_NAME, collect, git_state, read_provenance, record_provenance,
+from sparse_detr.run_folder import PROVENANCE_NAME
+from sparse_detr.provenance import (collect, git_state, read_provenance, record_provenance,
                                     run_commits)
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
