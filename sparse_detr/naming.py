@@ -58,21 +58,21 @@ PATH_KEYS = ("output_dir", "resume", "init_from", "backbone.weights", "data.root
 DATA_PATH_KEYS = PATH_KEYS[-4:]
 
 
-def _select(cfg: Any, dotted: str) -> Any:
-    """cfg["a"]["b"] for "a.b"; None where missing (`???`) or absent."""
+def select(cfg: Any, dotted: str, default: Any = None) -> Any:
+    """cfg["a"]["b"] for "a.b" of a DictConfig or plain dicts; `default` where missing (`???`) or absent."""
     if isinstance(cfg, DictConfig):
-        return OmegaConf.select(cfg, dotted, default=None, throw_on_missing=False)
+        return OmegaConf.select(cfg, dotted, default=default, throw_on_missing=False)
     node = cfg
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return None
+            return default
         node = node[part]
     return node
 
 
 def site_mappings(cfg: Any) -> dict[str, str]:
     """{site: the mapping it runs} for encoder, decoder and cross."""
-    return {site: str(_select(cfg, f"placement.{site}") or SOFTMAX) for site in SITES}
+    return {site: str(select(cfg, f"placement.{site}") or SOFTMAX) for site in SITES}
 
 
 def attention_and_placement(cfg: Any) -> tuple[str, str]:
@@ -96,11 +96,11 @@ def attention_label(cfg: Any) -> str:
 
 def data_label(cfg: Any) -> str:
     """The data set's name; for `coco_format`, with a short hash of its four paths (absolute)."""
-    name = str(_select(cfg, "data.name"))
+    name = str(select(cfg, "data.name"))
     if name != "coco_format":
         return name
     paths = [os.path.abspath(os.path.expanduser(str(p))) if p else "" for p in
-             (_select(cfg, key) for key in DATA_PATH_KEYS)]
+             (select(cfg, key) for key in DATA_PATH_KEYS)]
     return f"{name}_{hashlib.sha256(chr(0).join(paths).encode()).hexdigest()[:8]}"
 
 
@@ -127,7 +127,7 @@ def override_suffix(cfg: Any, overrides: Sequence[str], exclude_keys: Sequence[s
 
 def variant_name(cfg: Any, overrides: Sequence[str] = (), exclude_keys: Sequence[str] = ()) -> str:
     """`<attention>-<placement>-<backbone>-<data>[+overrides]`: the run folder's name without the seed."""
-    head = "-".join([attention_label(cfg), str(_select(cfg, "backbone.name")), data_label(cfg)])
+    head = "-".join([attention_label(cfg), str(select(cfg, "backbone.name")), data_label(cfg)])
     return head + override_suffix(cfg, overrides, exclude_keys)
 
 

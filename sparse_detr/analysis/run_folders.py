@@ -4,7 +4,6 @@ file readers are `sparse_detr.run_folder`'s."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -89,13 +88,4 @@ def run_config(run_dir: str | Path) -> dict:
         return load_training_checkpoint(checkpoint_path(run_dir)).get("config") or {}
     return {}
 
-
-def select(config: Mapping, dotted: str, default=None):
-    """config["a"]["b"] for "a.b", or `default` where a part is missing."""
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sparse_detr.analysis.attention_stats import site_summary
-from sparse_detr.analysis.run_folders import last_logged, logged_paibb, logged_sparsity, run_config, select, training_time_s
-from sparse_detr.naming import attention_and_placement
+from sparse_detr.analysis.run_folders import last_logged, logged_paibb, logged_sparsity, run_config, training_time_s
+from sparse_detr.naming import attention_and_placement, select
 from sparse_detr.run_folder import ANALYSIS_NAME, EVAL_METRICS_NAME, analysis_dir, read_json, read_metrics_log
 from sparse_detr.sites import SITES
 from sparse_detr.provenance import read_provenance, run_commits
