@@ -9,7 +9,7 @@ import torch
 from torchvision.ops import box_convert
 
 from sparse_detr.engine.trained_model import load_trained_model
-from sparse_detr.config import checkpoint_file
+from sparse_detr.run_folder import checkpoint_file
 from sparse_detr.data import evaluation_dataset
 from sparse_detr.errors import ConfigError
 from sparse_detr.viz.attention_maps import denormalize, query_attention_maps

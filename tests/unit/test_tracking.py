@@ -90,6 +90,7 @@ def test_wandb_offline_logs_groups_step_metrics_and_scrubbed_config(first_sessio
         "global_step": "", "epoch": "",
         "train-main-metrics/*": "global_step", "train-metrics/*": "global_step",
         "train-extra-metrics/*": "global_step", "alpha/*": "global_step", "sparsity/*": "global_step",
+        "paibb/*": "global_step",
         "train-epoch-main-metrics/*": "epoch", "val-epoch-metrics/*": "epoch"}
 
     config = {k: v for k, v in logged["config"].items() if k != "_wandb"}
