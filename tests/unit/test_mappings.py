@@ -161,6 +161,70 @@ def test_uncertified_rows_continue_in_later_rounds(name, monkeypatch):
     torch.testing.assert_close(p, truth(name, x, 1.8), atol=1e-10, rtol=0)
 
 
+# --- on the device: no host synchronisation ----------------------------------------------------
+
+
+def solve_both_ways(name, x, alpha, steps):
+    """[(p, dx)] from the host-branching path, then from the on-device path, same inputs."""
+    out = []
+    for on_device in (False, True):
+        x = x.detach().clone().requires_grad_()
+        p = solver(name).rows(x, alpha, compiled=False, steps=steps, on_device=on_device)
+        (dx,) = torch.autograd.grad(p, x, torch.ones_like(p) + x.detach())
+        out.append((p.detach(), dx))
+    return out
+
+
+@pytest.mark.parametrize("case", ["default", "later rounds", "every row to the fallback"])
+@pytest.mark.parametrize("name", SPARSE)
+def test_on_device_path_equals_host_path(name, case, monkeypatch):
+    """Forced on the CPU, choosing rows on the device gives bit for bit the host path's answer,
+    also where later rounds and the exact fallback (zero steps: no row certified) are needed."""
+    calls = spy_exact_rows(monkeypatch, name)
+    monkeypatch.setattr(sparse_solver, "UNCERTIFIED", {})
+    steps = {"default": None, "later rounds": 2, "every row to the fallback": 0}[case]
+    x = hard_scores(0.1 if case == "later rounds" else 1.0, keys=200).float()
+    if case == "every row to the fallback":
+        monkeypatch.setattr(sparse_solver, "ON_DEVICE_MIN_ROWS", x[..., 0].numel())
+    alpha = torch.tensor([1.2, 1.5, 1.9]).view(1, -1, 1, 1) if name == "alpha_entmax" else None
+    (p_host, dx_host), (p_dev, dx_dev) = solve_both_ways(name, x, alpha, steps)
+    assert torch.equal(p_dev, p_host) and torch.equal(dx_dev, dx_host)
+    if case == "every row to the fallback":
+        assert calls[-1] == x[..., 0].numel()  # the fallback did run, on every row
+    assert sparse_solver.check_uncertified() == 0
+
+
+def test_on_device_overflow_is_counted_and_widens_the_fallback(monkeypatch):
+    """More uncertified rows than the on-device capacity: counted on the device, reported once
+    by check_uncertified (with a warning), and the next steps give the fallback more rows."""
+    monkeypatch.setattr(sparse_solver, "UNCERTIFIED", {})
+    monkeypatch.setattr(sparse_solver, "ON_DEVICE_SHARE", 32)
+    x = hard_scores(1.0).float().reshape(-1, 37)  # 36 rows, capacity 16
+    solver("sparsemax").solve(x, None, compiled=False, steps=0, on_device=True)
+    with pytest.warns(RuntimeWarning, match="20 attention rows"):
+        assert sparse_solver.check_uncertified() == 20
+    assert sparse_solver.ON_DEVICE_SHARE == 16 and sparse_solver.check_uncertified() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none): checks the device path")
+@pytest.mark.parametrize("impl", ["eager", "fast"])
+@pytest.mark.parametrize("name", ROW_MAPPINGS)
+def test_cuda_forward_backward_never_synchronises(name, impl):
+    m = build(name, impl, learn=name == "alpha_entmax").cuda()
+    x = torch.randn(2, HEADS, 50, 300, device="cuda", requires_grad=True)
+    mask = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
+    mask[1, 250:] = True
+    g = torch.randn_like(x)
+    m(x, key_padding_mask=mask).backward(g)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for key_padding_mask in (None, mask):
+            m(x, key_padding_mask=key_padding_mask).backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # --- gradients ---------------------------------------------------------------------------------
 
 
