@@ -72,6 +72,18 @@ _LEVELS = (-1.0, -0.5, -0.25)
 # --- (or a previous iterate) -> (p, ok [rows, 1]: certified, tau [rows, 1] to continue from)
 
 
+def _same_shape(x: torch.Tensor, *others) -> None:
+    """Tell the compiler that the other tensors' rows (and columns, if any) are x's.
+
+    Without duck sizing each input's sizes are separate symbols; once they are known equal,
+    inductor runs all passes of a row in one loop over the rows, the row in cache."""
+    for t in others:
+        if t is not None:
+            for dim in range(t.dim()):
+                if t.shape[dim] != 1:
+                    torch._check(t.shape[dim] == x.shape[dim])
+
+
 def _shifted(x: torch.Tensor, alpha) -> torch.Tensor:
     """z = (alpha - 1) (x - max), clipped below at -2: since tau* >= -1, no entry <= -1 is in
     the support, and -2 keeps the clipped entries clear of the threshold (no rounding ties).
@@ -111,6 +123,7 @@ def _support_moments(z: torch.Tensor, tau: torch.Tensor, squares: bool):
 
 def _sparsemax_forward(x, alpha, tau0, steps: int):
     """Newton (Michelot) steps tau <- (sum_S z - 1) / |S|; exact once S stops changing."""
+    _same_shape(x, tau0)
     z = _shifted(x, 2.0)
     tau = _start(z, 1.0, tau0)
     ok = torch.zeros_like(tau, dtype=torch.bool)
@@ -123,6 +136,7 @@ def _sparsemax_forward(x, alpha, tau0, steps: int):
 
 def _entmax15_forward(x, alpha, tau0, steps: int):
     """Newton on ||c||_2 = 1 (steps - 1 times), then the exact quadratic root on the support."""
+    _same_shape(x, tau0)
     z = _shifted(x, 1.5)
     tau = _start(z, 2.0, tau0)
     ok = torch.zeros_like(tau, dtype=torch.bool)
@@ -144,6 +158,7 @@ def _entmax15_forward(x, alpha, tau0, steps: int):
 def _alpha_forward(x, alpha, tau0, steps: int):
     """Halley steps on ||c||_q = 1, then p at the last tau: certified when sum(p) = 1 to
     rounding, and not renormalised, so writing p and summing it is a single pass."""
+    _same_shape(x, alpha, tau0)
     z = _shifted(x, alpha)
     q = 1 / (alpha - 1)
     tau = _start(z, q, tau0)
@@ -172,6 +187,7 @@ def _alpha_forward(x, alpha, tau0, steps: int):
 
 
 def _dx(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    _same_shape(w, g)
     gw = g * w
     return gw - w * (gw.sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny))
 
@@ -188,6 +204,7 @@ def _alpha_backward_sums(p, g, alpha, need_alpha: bool):
     """w = p^(2-alpha), r = sum(g w) / sum(w) and d alpha [rows, 1] (or None) in one pass.
 
     w is returned (not recomputed) because it costs a log and an exp per element."""
+    _same_shape(p, g, alpha)
     positive = p > 0
     logp = torch.where(positive, torch.log(p), torch.zeros_like(p))
     w = torch.where(positive, torch.exp((2 - alpha) * logp), torch.zeros_like(p))
@@ -205,6 +222,7 @@ def _alpha_backward_sums(p, g, alpha, need_alpha: bool):
 
 def _alpha_backward_dx(w, g, r):
     """dx = w (g - r), written over w."""
+    _same_shape(w, g, r)
     return w.mul_(g - r)
 
 
@@ -230,8 +248,12 @@ def run_kernel(fn, *args, compiled: bool):
         try:
             if fn not in _COMPILED:
                 _COMPILED[fn] = torch.compile(fn, dynamic=True)
-            with fx_config.patch(use_duck_shape=False):
+            duck = fx_config.use_duck_shape  # set directly: patch() costs more than the call at small sizes
+            fx_config.use_duck_shape = False
+            try:
                 return _COMPILED[fn](*args)
+            finally:
+                fx_config.use_duck_shape = duck
         except Exception as err:  # any compiler failure; the eager path below is the same math
             _COMPILE_FAILED = True
             warnings.warn(
