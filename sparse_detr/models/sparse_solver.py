@@ -21,7 +21,8 @@ Why this is fast and exact (c = [z - tau]_+):
   (cubic; the extra derivative costs one division) and is certified when sum(p) = 1 to rounding.
 - Rows without a certificate continue from their last threshold, on those rows only; rows still
   uncertified after RETRIES rounds (float32 rounding can flip between two supports forever) are
-  solved by the sort-based algorithm or by bisection.
+  solved by the sort-based algorithm or by bisection. On CUDA those rows are picked on the
+  device, a fixed number per stage, so no call waits for the host (`_finish_on_device`).
 Each mapping's solver is one ThresholdSolver object (SPARSEMAX, ENTMAX15, ALPHA_ENTMAX) holding
 its passes per round, forward kernel, exact fallback and backward.
 Backward needs only the output p: with w = p^(2 - alpha) (the support indicator for sparsemax),
@@ -31,14 +32,14 @@ dx = w * (g - sum(g w) / sum(w)); the alpha gradient is the closed form of Corre
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
-import torch.fx.experimental._config as fx_config
 from torch.autograd.function import once_differentiable
 
+from sparse_detr.models.compiled_kernel import run_kernel
 from sparse_detr.models.exact_threshold import bisect_tau, sort_tau
+
 
 RETRIES = 2
 # Rows per stage of `_finish_on_device`: a fixed share of the rows, at least a few.
@@ -224,45 +225,6 @@ def _alpha_backward_dx(w, g, r):
     """dx = w (g - r), written over w."""
     _same_shape(w, g, r)
     return w.mul_(g - r)
-
-
-# --- compilation -------------------------------------------------------------------------------
-
-_COMPILED: dict = {}
-_COMPILE_FAILED = False
-
-
-def compile_enabled() -> bool:
-    """False when SPARSE_DETR_COMPILE=0, or after compilation failed once in this process."""
-    return not _COMPILE_FAILED and os.environ.get("SPARSE_DETR_COMPILE", "1") != "0"
-
-
-def run_kernel(fn, *args, compiled: bool):
-    """fn(*args), or a process-wide torch.compile(fn, dynamic=True) built on first use.
-
-    dynamic=True and no duck sizing (equal sizes are not assumed to stay equal, e.g. 850 queries
-    x 850 keys) let one kernel serve every image size. If compilation fails (no C++ compiler,
-    unsupported platform) warn once and stay eager: same algorithm, same answer."""
-    global _COMPILE_FAILED
-    if compiled and compile_enabled():
-        try:
-            if fn not in _COMPILED:
-                _COMPILED[fn] = torch.compile(fn, dynamic=True)
-            duck = fx_config.use_duck_shape  # set directly: patch() costs more than the call at small sizes
-            fx_config.use_duck_shape = False
-            try:
-                return _COMPILED[fn](*args)
-            finally:
-                fx_config.use_duck_shape = duck
-        except Exception as err:  # any compiler failure; the eager path below is the same math
-            _COMPILE_FAILED = True
-            warnings.warn(
-                f"sparse_detr: compiling the attention mapping failed ({type(err).__name__}: {err}); "
-                "using the eager solver (set SPARSE_DETR_COMPILE=0 to skip compiling).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return fn(*args)
 
 
 class ThresholdSolver:

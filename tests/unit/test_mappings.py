@@ -11,7 +11,7 @@ import entmax
 import pytest
 import torch
 
-from sparse_detr.models import sparse_solver
+from sparse_detr.models import compiled_kernel, sparse_solver
 from sparse_detr.models.mappings import ALPHA_FLOOR, MAPPINGS, attention_mapping
 
 SPARSE = ("sparsemax", "entmax15", "alpha_entmax")
@@ -392,7 +392,7 @@ def test_bad_arguments_name_the_valid_choices(kwargs, match):
 
 @pytest.mark.parametrize("name", SPARSE)
 def test_compiled_equals_eager_equals_reference_without_recompiling(name):
-    if not sparse_solver.compile_enabled():
+    if not compiled_kernel.compile_enabled():
         pytest.skip("compilation disabled (SPARSE_DETR_COMPILE=0 or unavailable)")
     fast, eager = build(name, "fast", learn=name == "alpha_entmax"), build(name, "eager", learn=name == "alpha_entmax")
     frames = torch._dynamo.utils.counters["stats"]
@@ -420,14 +420,14 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(sparse_solver, "_COMPILED", {})
-    monkeypatch.setattr(sparse_solver, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(compiled_kernel, "_COMPILED", {})
+    monkeypatch.setattr(compiled_kernel, "_COMPILE_FAILED", False)
     monkeypatch.delenv("SPARSE_DETR_COMPILE", raising=False)
     x = torch.randn(2, HEADS, 4, 10, requires_grad=True)
     m = build("entmax15", "fast")
     with pytest.warns(RuntimeWarning, match="using the eager solver"):
         p = m(x)
-    assert not sparse_solver.compile_enabled()
+    assert not compiled_kernel.compile_enabled()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         p.sum().backward()
@@ -439,7 +439,7 @@ def test_env_var_forces_eager(monkeypatch):
         raise AssertionError("torch.compile must not be called with SPARSE_DETR_COMPILE=0")
 
     monkeypatch.setattr(torch, "compile", no_compile)
-    monkeypatch.setattr(sparse_solver, "_COMPILED", {})
+    monkeypatch.setattr(compiled_kernel, "_COMPILED", {})
     monkeypatch.setenv("SPARSE_DETR_COMPILE", "0")
     x = torch.randn(2, HEADS, 4, 10)
     with warnings.catch_warnings():
