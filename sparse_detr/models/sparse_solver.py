@@ -231,7 +231,7 @@ class ThresholdSolver:
     """One mapping's solver: passes per round, the forward kernel, the exact fallback for rows
     left uncertified, and the backward pass. Subclasses fill these in; `rows` runs them."""
 
-    steps: int  # passes per round: enough for nearly every attention row (a later round costs more than a pass)
+    steps: int  # passes per round: enough for typical attention rows, so most calls need one round
 
     @staticmethod
     def kernel(x, alpha, tau0, steps: int):
@@ -339,7 +339,7 @@ class SparsemaxSolver(_SortSolver):
 
 
 class Entmax15Solver(_SortSolver):
-    steps, alpha, kernel = 4, 1.5, staticmethod(_entmax15_forward)
+    steps, alpha, kernel = 3, 1.5, staticmethod(_entmax15_forward)
 
     def backward(self, p, g, alpha, need_alpha, compiled):
         return run_kernel(_entmax15_backward, p, g, compiled=compiled), None
@@ -347,7 +347,7 @@ class Entmax15Solver(_SortSolver):
 
 class AlphaEntmaxSolver(ThresholdSolver):
     """alpha-entmax at any alpha in (1, 2], one per row; bisection as the exact fallback."""
-    steps, kernel = 3, staticmethod(_alpha_forward)
+    steps, kernel = 2, staticmethod(_alpha_forward)
 
     def alpha_rows(self, alpha, x):
         """alpha: a float, or a tensor broadcastable to x[..., :1] (e.g. [1, heads, 1, 1]) -> [rows, 1]."""
