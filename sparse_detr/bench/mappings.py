@@ -22,6 +22,7 @@ cross-attention (100 queries x 850 keys) and decoder self-attention (100 x 100).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -132,16 +133,21 @@ def _table(title: str, stats_by_shape: dict[str, dict], device: torch.device) ->
 
 
 def mapping_section(args, device: torch.device) -> str:
-    """The mapping alone: scores [2, 8, queries, keys] -> probabilities, forward + backward."""
+    """The mapping alone: scores [2, 8, queries, keys] -> probabilities, forward + backward.
+
+    The softmax row is plain `torch.softmax`, the cost a user pays without this package (the
+    other rows go through the mapping modules, dtype and mask handling included)."""
     results = {}
+    candidates = _candidates(args.quick)
+    candidates["softmax"] = functools.partial(torch.softmax, dim=-1)
     for shape, (queries, keys) in SHAPES.items():
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(BATCH, HEADS, queries, keys, generator=gen).to(device).requires_grad_()
         grad = torch.randn(BATCH, HEADS, queries, keys, generator=gen).to(device)
         steps = {}
-        for name, module in _candidates(args.quick).items():
-            module.to(device)
-            steps[name] = ((lambda m=module: ([x, *m.parameters()], m(x))), grad)
+        for name, mapping in candidates.items():
+            params = list(mapping.to(device).parameters()) if isinstance(mapping, torch.nn.Module) else []
+            steps[name] = ((lambda m=mapping, params=params: ([x, *params], m(x))), grad)
         results[f"{queries}x{keys}"] = _measure(steps, args.repeats, device)
     return _table("Mapping forward+backward, float32", results, device)
 

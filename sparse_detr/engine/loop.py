@@ -16,6 +16,7 @@ from sparse_detr.matching.criterion import total_loss
 from sparse_detr.metrics.coco_eval import CocoEvaluator
 from sparse_detr.metrics.paibb_sizes import PaibbBySize, matched_pairs
 from sparse_detr.metrics.sparsity import SparsityAccumulator, site_masks
+from sparse_detr.models.sparse_solver import check_uncertified
 from sparse_detr.tracking import TRAIN, TRAIN_EXTRA, TRAIN_MAIN, alpha_key
 
 # Logged as the main series: DETR's weighted losses and its two error rates.
@@ -132,6 +133,8 @@ def train_one_epoch(model, criterion, loader, optimizer, state: TrainState, *, d
         losses = criterion(outputs, targets)
         loss = total_loss(losses, criterion.weight_dict)
         loss_value = loss.item()
+        if device.type == "cuda":
+            check_uncertified()  # the sparse mappings' exactness, read once per step
         if not math.isfinite(loss_value):
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise NonFiniteLoss(f"loss is {loss_value} at global step {state.global_step + 1}: {terms}. "

@@ -21,7 +21,8 @@ Why this is fast and exact (c = [z - tau]_+):
   (cubic; the extra derivative costs one division) and is certified when sum(p) = 1 to rounding.
 - Rows without a certificate continue from their last threshold, on those rows only; rows still
   uncertified after RETRIES rounds (float32 rounding can flip between two supports forever) are
-  solved by the sort-based algorithm or by bisection.
+  solved by the sort-based algorithm or by bisection. On CUDA those rows are picked on the
+  device, a fixed number per stage, so no call waits for the host (`_finish_on_device`).
 Each mapping's solver is one ThresholdSolver object (SPARSEMAX, ENTMAX15, ALPHA_ENTMAX) holding
 its passes per round, forward kernel, exact fallback and backward.
 Backward needs only the output p: with w = p^(2 - alpha) (the support indicator for sparsemax),
@@ -31,20 +32,57 @@ dx = w * (g - sum(g w) / sum(w)); the alpha gradient is the closed form of Corre
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
-import torch.fx.experimental._config as fx_config
 from torch.autograd.function import once_differentiable
 
+from sparse_detr.models.compiled_kernel import run_kernel
+from sparse_detr.models.exact_threshold import bisect_tau, sort_tau
+
+
 RETRIES = 2
+# Rows per stage of `_finish_on_device`: a fixed share of the rows, at least a few.
+ON_DEVICE_MIN_ROWS, ON_DEVICE_SHARE = 16, 32
+# device -> rows left uncertified by `_finish_on_device` (capacity exceeded), summed on the device.
+UNCERTIFIED: dict[torch.device, torch.Tensor] = {}
+
+
+def on_device_capacity(rows: int) -> int:
+    """Rows that each later round and the fallback take when selected on the device."""
+    return min(rows, max(ON_DEVICE_MIN_ROWS, rows // ON_DEVICE_SHARE))
+
+
+def check_uncertified() -> int:
+    """Rows the on-device path left inexact since the last check (one host read per device; the
+    trainer calls it once per step, after the loss is read anyway). If any, warn and give the
+    later rounds twice the rows from now on."""
+    global ON_DEVICE_SHARE
+    left = sum(int(counter.item()) for counter in UNCERTIFIED.values())
+    UNCERTIFIED.clear()
+    if left:
+        ON_DEVICE_SHARE = max(1, ON_DEVICE_SHARE // 2)
+        warnings.warn(f"sparse_detr: {left} attention rows were not solved exactly in this step; from now on "
+                      f"1/{ON_DEVICE_SHARE} of the rows get the exact fallback", RuntimeWarning, stacklevel=2)
+    return left
 # Nested candidate sets {z > level} for the starting lower bound (the support lies in (-1, 0]).
 _LEVELS = (-1.0, -0.5, -0.25)
 
 
 # --- forward kernels: rows x [rows, n], alpha [rows, 1] or None, tau0 [rows, 1] a lower bound
 # --- (or a previous iterate) -> (p, ok [rows, 1]: certified, tau [rows, 1] to continue from)
+
+
+def _same_shape(x: torch.Tensor, *others) -> None:
+    """Tell the compiler that the other tensors' rows (and columns, if any) are x's.
+
+    Without duck sizing each input's sizes are separate symbols; once they are known equal,
+    inductor runs all passes of a row in one loop over the rows, the row in cache."""
+    for t in others:
+        if t is not None:
+            for dim in range(t.dim()):
+                if t.shape[dim] != 1:
+                    torch._check(t.shape[dim] == x.shape[dim])
 
 
 def _shifted(x: torch.Tensor, alpha) -> torch.Tensor:
@@ -86,6 +124,7 @@ def _support_moments(z: torch.Tensor, tau: torch.Tensor, squares: bool):
 
 def _sparsemax_forward(x, alpha, tau0, steps: int):
     """Newton (Michelot) steps tau <- (sum_S z - 1) / |S|; exact once S stops changing."""
+    _same_shape(x, tau0)
     z = _shifted(x, 2.0)
     tau = _start(z, 1.0, tau0)
     ok = torch.zeros_like(tau, dtype=torch.bool)
@@ -98,6 +137,7 @@ def _sparsemax_forward(x, alpha, tau0, steps: int):
 
 def _entmax15_forward(x, alpha, tau0, steps: int):
     """Newton on ||c||_2 = 1 (steps - 1 times), then the exact quadratic root on the support."""
+    _same_shape(x, tau0)
     z = _shifted(x, 1.5)
     tau = _start(z, 2.0, tau0)
     ok = torch.zeros_like(tau, dtype=torch.bool)
@@ -119,6 +159,7 @@ def _entmax15_forward(x, alpha, tau0, steps: int):
 def _alpha_forward(x, alpha, tau0, steps: int):
     """Halley steps on ||c||_q = 1, then p at the last tau: certified when sum(p) = 1 to
     rounding, and not renormalised, so writing p and summing it is a single pass."""
+    _same_shape(x, alpha, tau0)
     z = _shifted(x, alpha)
     q = 1 / (alpha - 1)
     tau = _start(z, q, tau0)
@@ -143,38 +184,11 @@ def _alpha_forward(x, alpha, tau0, steps: int):
     return p, ok, tau
 
 
-# --- exact fallbacks (eager, only for rows that never got a certificate) ---------------------
-
-
-def _sort_tau(z: torch.Tensor, q: float) -> torch.Tensor:
-    """Sort-based exact threshold (Martins & Astudillo 2016; Peters et al. 2019), rows z [rows, n]."""
-    zs = z.sort(-1, descending=True).values
-    rho = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype, device=z.device)
-    mean = zs.cumsum(-1) / rho
-    if q == 1.0:
-        taus = mean - 1 / rho
-    else:
-        mean_sq = (zs * zs).cumsum(-1) / rho
-        taus = mean - ((1 - rho * (mean_sq - mean * mean)) / rho).clamp(min=0).sqrt()
-    support = (taus < zs).sum(-1, keepdim=True).clamp(min=1)
-    return taus.gather(-1, support - 1)
-
-
-def _bisect_tau(z: torch.Tensor, q: torch.Tensor, iters: int) -> torch.Tensor:
-    """Bisection for tau in [-1, 0] on sum([z - tau]_+^q) = 1, rows z [rows, n]."""
-    lo = torch.full_like(z[:, :1], -1.0)
-    width = 1.0
-    for _ in range(iters):
-        width /= 2
-        mid = lo + width
-        lo = torch.where(((z - mid).clamp(min=0) ** q).sum(-1, keepdim=True) >= 1, mid, lo)
-    return lo
-
-
 # --- backward: output p, upstream gradient g [rows, n] -------------------------------------------
 
 
 def _dx(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    _same_shape(w, g)
     gw = g * w
     return gw - w * (gw.sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny))
 
@@ -191,6 +205,7 @@ def _alpha_backward_sums(p, g, alpha, need_alpha: bool):
     """w = p^(2-alpha), r = sum(g w) / sum(w) and d alpha [rows, 1] (or None) in one pass.
 
     w is returned (not recomputed) because it costs a log and an exp per element."""
+    _same_shape(p, g, alpha)
     positive = p > 0
     logp = torch.where(positive, torch.log(p), torch.zeros_like(p))
     w = torch.where(positive, torch.exp((2 - alpha) * logp), torch.zeros_like(p))
@@ -208,42 +223,8 @@ def _alpha_backward_sums(p, g, alpha, need_alpha: bool):
 
 def _alpha_backward_dx(w, g, r):
     """dx = w (g - r), written over w."""
+    _same_shape(w, g, r)
     return w.mul_(g - r)
-
-
-# --- compilation -------------------------------------------------------------------------------
-
-_COMPILED: dict = {}
-_COMPILE_FAILED = False
-
-
-def compile_enabled() -> bool:
-    """False when SPARSE_DETR_COMPILE=0, or after compilation failed once in this process."""
-    return not _COMPILE_FAILED and os.environ.get("SPARSE_DETR_COMPILE", "1") != "0"
-
-
-def run_kernel(fn, *args, compiled: bool):
-    """fn(*args), or a process-wide torch.compile(fn, dynamic=True) built on first use.
-
-    dynamic=True and no duck sizing (equal sizes are not assumed to stay equal, e.g. 850 queries
-    x 850 keys) let one kernel serve every image size. If compilation fails (no C++ compiler,
-    unsupported platform) warn once and stay eager: same algorithm, same answer."""
-    global _COMPILE_FAILED
-    if compiled and compile_enabled():
-        try:
-            if fn not in _COMPILED:
-                _COMPILED[fn] = torch.compile(fn, dynamic=True)
-            with fx_config.patch(use_duck_shape=False):
-                return _COMPILED[fn](*args)
-        except Exception as err:  # any compiler failure; the eager path below is the same math
-            _COMPILE_FAILED = True
-            warnings.warn(
-                f"sparse_detr: compiling the attention mapping failed ({type(err).__name__}: {err}); "
-                "using the eager solver (set SPARSE_DETR_COMPILE=0 to skip compiling).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return fn(*args)
 
 
 class ThresholdSolver:
@@ -270,14 +251,19 @@ class ThresholdSolver:
         """alpha as the kernels take it for x [..., n]: None for a fixed-alpha solver."""
         return None
 
-    def solve(self, x: torch.Tensor, alpha, *, compiled: bool, steps: int | None = None) -> torch.Tensor:
+    def solve(self, x: torch.Tensor, alpha, *, compiled: bool, steps: int | None = None,
+              on_device: bool | None = None) -> torch.Tensor:
         """The mapping of rows x [rows, n] (alpha [rows, 1] or None).
 
         Rounds of `steps` passes (default self.steps); each round after the first continues the
-        uncertified rows only, and the exact fallback takes whatever is left after RETRIES."""
+        uncertified rows only, and the exact fallback takes whatever is left after RETRIES.
+        on_device (default: x on CUDA) selects those rows without reading anything back to the
+        host (`_finish_on_device`); on the CPU branching on `ok` is cheap and skips all of it."""
         steps = self.steps if steps is None else steps
         x, alpha = x.detach(), None if alpha is None else alpha.detach()  # one kernel whatever requires grad
         p, ok, tau = run_kernel(self.kernel, x, alpha, x.new_full((x.shape[0], 1), -1.0), steps, compiled=compiled)
+        if x.is_cuda if on_device is None else on_device:
+            return self._finish_on_device(x, alpha, p, ok, tau, steps, compiled)
         if ok.all():
             return p
         todo = (~ok).squeeze(-1).nonzero().squeeze(-1)
@@ -296,10 +282,43 @@ class ThresholdSolver:
             p[todo] = self.exact(x[todo], None if alpha is None else alpha[todo])
         return p
 
-    def rows(self, x: torch.Tensor, alpha=None, *, compiled: bool, steps: int | None = None) -> torch.Tensor:
+    def _finish_on_device(self, x, alpha, p, ok, tau, steps: int, compiled: bool) -> torch.Tensor:
+        """The later rounds and the fallback of `solve` on a fixed number of rows, chosen on the
+        device (top-k of the uncertified flags), so a GPU never waits for the host.
+
+        Each stage takes `on_device_capacity(rows)` rows, uncertified ones first, and keeps the
+        result of rows certified before. Rows beyond the capacity still uncertified at the end
+        (none in practice) are added to `UNCERTIFIED`, a device counter for the caller to read
+        once per step."""
+        capacity = on_device_capacity(x.shape[0])
+
+        def candidates():
+            idx = torch.topk((~ok).squeeze(-1).to(x.dtype), capacity, sorted=False).indices
+            return idx, ok.index_select(0, idx)
+
+        def pick(t, idx):
+            return None if t is None else t.index_select(0, idx)
+
+        for _ in range(RETRIES):
+            idx, done = candidates()
+            p_new, ok_new, tau_new = run_kernel(self.kernel, pick(x, idx), pick(alpha, idx), pick(tau, idx), steps,
+                                                compiled=compiled)
+            p.index_copy_(0, idx, torch.where(done, p.index_select(0, idx), p_new))
+            tau.index_copy_(0, idx, torch.where(done, tau.index_select(0, idx), tau_new))
+            ok.index_copy_(0, idx, done | ok_new)
+        idx, done = candidates()
+        p.index_copy_(0, idx, torch.where(done, p.index_select(0, idx), self.exact(pick(x, idx), pick(alpha, idx))))
+        ok.index_fill_(0, idx, True)
+        if x.device not in UNCERTIFIED:
+            UNCERTIFIED[x.device] = torch.zeros((), dtype=torch.int64, device=x.device)
+        UNCERTIFIED[x.device].add_((~ok).sum())
+        return p
+
+    def rows(self, x: torch.Tensor, alpha=None, *, compiled: bool, steps: int | None = None,
+             on_device: bool | None = None) -> torch.Tensor:
         """The mapping over the last dim of x [..., n]; alpha as `alpha_rows` takes it."""
         rows = x.reshape(-1, x.shape[-1])
-        return EntmaxFunction.apply(rows, self.alpha_rows(alpha, x), self, compiled, steps).view(x.shape)
+        return EntmaxFunction.apply(rows, self.alpha_rows(alpha, x), self, compiled, steps, on_device).view(x.shape)
 
 
 class _SortSolver(ThresholdSolver):
@@ -309,7 +328,7 @@ class _SortSolver(ThresholdSolver):
     def exact(self, x, alpha):
         z = _shifted(x, self.alpha)
         q = 1 / (self.alpha - 1)
-        return (z - _sort_tau(z, q)).clamp(min=0) ** q
+        return (z - sort_tau(z, q)).clamp(min=0) ** q
 
 
 class SparsemaxSolver(_SortSolver):
@@ -332,13 +351,14 @@ class AlphaEntmaxSolver(ThresholdSolver):
 
     def alpha_rows(self, alpha, x):
         """alpha: a float, or a tensor broadcastable to x[..., :1] (e.g. [1, heads, 1, 1]) -> [rows, 1]."""
-        alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device)  # a float stays exact in float64
-        return alpha.expand(*x.shape[:-1], 1).reshape(-1, 1).contiguous()
+        if not torch.is_tensor(alpha):  # filled on the device (no copy from the host); exact in float64
+            return x.new_full((x[..., 0].numel(), 1), float(alpha))
+        return alpha.to(x.dtype).expand(*x.shape[:-1], 1).reshape(-1, 1).contiguous()
 
     def exact(self, x, alpha):
         z = _shifted(x, alpha)
         q = 1 / (alpha - 1)
-        p = (z - _bisect_tau(z, q, iters=30 if x.dtype == torch.float32 else 60)).clamp(min=0) ** q
+        p = (z - bisect_tau(z, q, iters=30 if x.dtype == torch.float32 else 60)).clamp(min=0) ** q
         return p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
 
     def backward(self, p, g, alpha, need_alpha, compiled):
@@ -352,8 +372,8 @@ class EntmaxFunction(torch.autograd.Function):
     Saves only p (like softmax), so the memory held for backward matches softmax's."""
 
     @staticmethod
-    def forward(ctx, x, alpha, solver: ThresholdSolver, compiled: bool, steps: int | None):
-        p = solver.solve(x, alpha, compiled=compiled, steps=steps)
+    def forward(ctx, x, alpha, solver: ThresholdSolver, compiled: bool, steps: int | None, on_device: bool | None):
+        p = solver.solve(x, alpha, compiled=compiled, steps=steps, on_device=on_device)
         ctx.solver, ctx.compiled = solver, compiled
         ctx.save_for_backward(p, alpha)
         return p
@@ -363,7 +383,7 @@ class EntmaxFunction(torch.autograd.Function):
     def backward(ctx, g):
         p, alpha = ctx.saved_tensors
         dx, da = ctx.solver.backward(p, g.contiguous(), alpha, ctx.needs_input_grad[1], ctx.compiled)
-        return dx, da, None, None, None
+        return dx, da, None, None, None, None
 
 
 SPARSEMAX, ENTMAX15, ALPHA_ENTMAX = SparsemaxSolver(), Entmax15Solver(), AlphaEntmaxSolver()

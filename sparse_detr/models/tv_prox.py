@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sparse_detr.models.sparse_solver import run_kernel
+from sparse_detr.models.compiled_kernel import run_kernel
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _fista_block(z, lh, lv, uh, uv, vh, vv, t):
 
 def _dual_solve(z, lh, lv, tolerance, compiled: bool):
     """FISTA with restart on the dual, blocks of CHECK_EVERY steps compiled like the sparse
-    solvers (`sparse_solver.run_kernel`); -> (x, gap [rows], iterations)."""
+    solvers (`compiled_kernel.run_kernel`); -> (x, gap [rows], iterations)."""
     uh, uv = torch.zeros_like(lh), torch.zeros_like(lv)
     state = (uh, uv, uh.clone(), uv.clone(), torch.ones(z.shape[0], 1, 1, dtype=z.dtype, device=z.device))
     iterations = 0

@@ -11,7 +11,7 @@ import entmax
 import pytest
 import torch
 
-from sparse_detr.models import sparse_solver
+from sparse_detr.models import compiled_kernel, sparse_solver
 from sparse_detr.models.mappings import ALPHA_FLOOR, MAPPINGS, attention_mapping
 
 SPARSE = ("sparsemax", "entmax15", "alpha_entmax")
@@ -159,6 +159,70 @@ def test_uncertified_rows_continue_in_later_rounds(name, monkeypatch):
     assert len(rounds) > 1 and rounds[1] < rounds[0]  # later rounds see only the unfinished rows
     assert calls == []
     torch.testing.assert_close(p, truth(name, x, 1.8), atol=1e-10, rtol=0)
+
+
+# --- on the device: no host synchronisation ----------------------------------------------------
+
+
+def solve_both_ways(name, x, alpha, steps):
+    """[(p, dx)] from the host-branching path, then from the on-device path, same inputs."""
+    out = []
+    for on_device in (False, True):
+        x = x.detach().clone().requires_grad_()
+        p = solver(name).rows(x, alpha, compiled=False, steps=steps, on_device=on_device)
+        (dx,) = torch.autograd.grad(p, x, torch.ones_like(p) + x.detach())
+        out.append((p.detach(), dx))
+    return out
+
+
+@pytest.mark.parametrize("case", ["default", "later rounds", "every row to the fallback"])
+@pytest.mark.parametrize("name", SPARSE)
+def test_on_device_path_equals_host_path(name, case, monkeypatch):
+    """Forced on the CPU, choosing rows on the device gives bit for bit the host path's answer,
+    also where later rounds and the exact fallback (zero steps: no row certified) are needed."""
+    calls = spy_exact_rows(monkeypatch, name)
+    monkeypatch.setattr(sparse_solver, "UNCERTIFIED", {})
+    steps = {"default": None, "later rounds": 2, "every row to the fallback": 0}[case]
+    x = hard_scores(0.1 if case == "later rounds" else 1.0, keys=200).float()
+    if case == "every row to the fallback":
+        monkeypatch.setattr(sparse_solver, "ON_DEVICE_MIN_ROWS", x[..., 0].numel())
+    alpha = torch.tensor([1.2, 1.5, 1.9]).view(1, -1, 1, 1) if name == "alpha_entmax" else None
+    (p_host, dx_host), (p_dev, dx_dev) = solve_both_ways(name, x, alpha, steps)
+    assert torch.equal(p_dev, p_host) and torch.equal(dx_dev, dx_host)
+    if case == "every row to the fallback":
+        assert calls[-1] == x[..., 0].numel()  # the fallback did run, on every row
+    assert sparse_solver.check_uncertified() == 0
+
+
+def test_on_device_overflow_is_counted_and_widens_the_fallback(monkeypatch):
+    """More uncertified rows than the on-device capacity: counted on the device, reported once
+    by check_uncertified (with a warning), and the next steps give the fallback more rows."""
+    monkeypatch.setattr(sparse_solver, "UNCERTIFIED", {})
+    monkeypatch.setattr(sparse_solver, "ON_DEVICE_SHARE", 32)
+    x = hard_scores(1.0).float().reshape(-1, 37)  # 36 rows, capacity 16
+    solver("sparsemax").solve(x, None, compiled=False, steps=0, on_device=True)
+    with pytest.warns(RuntimeWarning, match="20 attention rows"):
+        assert sparse_solver.check_uncertified() == 20
+    assert sparse_solver.ON_DEVICE_SHARE == 16 and sparse_solver.check_uncertified() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none): checks the device path")
+@pytest.mark.parametrize("impl", ["eager", "fast"])
+@pytest.mark.parametrize("name", ROW_MAPPINGS)
+def test_cuda_forward_backward_never_synchronises(name, impl):
+    m = build(name, impl, learn=name == "alpha_entmax").cuda()
+    x = torch.randn(2, HEADS, 50, 300, device="cuda", requires_grad=True)
+    mask = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
+    mask[1, 250:] = True
+    g = torch.randn_like(x)
+    m(x, key_padding_mask=mask).backward(g)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for key_padding_mask in (None, mask):
+            m(x, key_padding_mask=key_padding_mask).backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # --- gradients ---------------------------------------------------------------------------------
@@ -328,7 +392,7 @@ def test_bad_arguments_name_the_valid_choices(kwargs, match):
 
 @pytest.mark.parametrize("name", SPARSE)
 def test_compiled_equals_eager_equals_reference_without_recompiling(name):
-    if not sparse_solver.compile_enabled():
+    if not compiled_kernel.compile_enabled():
         pytest.skip("compilation disabled (SPARSE_DETR_COMPILE=0 or unavailable)")
     fast, eager = build(name, "fast", learn=name == "alpha_entmax"), build(name, "eager", learn=name == "alpha_entmax")
     frames = torch._dynamo.utils.counters["stats"]
@@ -356,14 +420,14 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(sparse_solver, "_COMPILED", {})
-    monkeypatch.setattr(sparse_solver, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(compiled_kernel, "_COMPILED", {})
+    monkeypatch.setattr(compiled_kernel, "_COMPILE_FAILED", False)
     monkeypatch.delenv("SPARSE_DETR_COMPILE", raising=False)
     x = torch.randn(2, HEADS, 4, 10, requires_grad=True)
     m = build("entmax15", "fast")
     with pytest.warns(RuntimeWarning, match="using the eager solver"):
         p = m(x)
-    assert not sparse_solver.compile_enabled()
+    assert not compiled_kernel.compile_enabled()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         p.sum().backward()
@@ -375,7 +439,7 @@ def test_env_var_forces_eager(monkeypatch):
         raise AssertionError("torch.compile must not be called with SPARSE_DETR_COMPILE=0")
 
     monkeypatch.setattr(torch, "compile", no_compile)
-    monkeypatch.setattr(sparse_solver, "_COMPILED", {})
+    monkeypatch.setattr(compiled_kernel, "_COMPILED", {})
     monkeypatch.setenv("SPARSE_DETR_COMPILE", "0")
     x = torch.randn(2, HEADS, 4, 10)
     with warnings.catch_warnings():

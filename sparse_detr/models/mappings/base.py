@@ -77,13 +77,18 @@ class AttentionMapping(nn.Module):
         if self.needs_grid and key_grid is None:
             raise ValueError(f"the {self.name} mapping needs the key grid: use it only where the keys are the feature map")
         x = scores.float() if scores.dtype in _HALF else scores
+        if not torch.is_autocast_enabled(x.device.type):  # entering autocast costs as much as a small call
+            return self._masked_map(x, key_padding_mask, key_grid).to(scores.dtype)
         with torch.autocast(x.device.type, enabled=False):  # float32 stays float32 inside
-            if key_padding_mask is None:
-                return self._call_map(x, key_grid).to(scores.dtype)
-            padded = key_padding_mask[:, None, None, :]
-            empty = padded.all(-1, keepdim=True)
-            p = self._call_map(x.masked_fill(padded & ~empty, float("-inf")), key_grid)
-            return p.masked_fill(empty, 0.0).to(scores.dtype)
+            return self._masked_map(x, key_padding_mask, key_grid).to(scores.dtype)
+
+    def _masked_map(self, x, key_padding_mask, key_grid):
+        if key_padding_mask is None:
+            return self._call_map(x, key_grid)
+        padded = key_padding_mask[:, None, None, :]
+        empty = padded.all(-1, keepdim=True)
+        p = self._call_map(x.masked_fill(padded & ~empty, float("-inf")), key_grid)
+        return p.masked_fill(empty, 0.0)
 
     def _call_map(self, x, key_grid):
         return self._map(x, key_grid) if self.needs_grid else self._map(x)
