@@ -15,7 +15,7 @@ from sparse_detr.errors import UserError
 from sparse_detr.matching.criterion import total_loss
 from sparse_detr.metrics.coco_eval import CocoEvaluator
 from sparse_detr.metrics.paibb_sizes import PaibbBySize, matched_pairs
-from sparse_detr.metrics.sparsity import SparsityAccumulator, site_masks
+from sparse_detr.metrics.sparsity import SparsityAccumulator, site_layout
 from sparse_detr.tracking import TRAIN, TRAIN_EXTRA, TRAIN_MAIN, alpha_key
 
 # Logged as the main series: DETR's weighted losses and its two error rates.
@@ -211,7 +211,7 @@ def evaluate(model, postprocessor, loader, evaluator: CocoEvaluator, *, device, 
         if sparsity is not None:
             for site, layers in outputs["attention"].items():
                 for layer, weights in enumerate(layers):
-                    sparsity.update(site, layer, weights.float(), *site_masks(site, outputs["feature_mask"]))
+                    sparsity.update(site, layer, weights.float(), *site_layout(site, outputs["feature_mask"]))
         if paibb is not None:
             matches = matched_pairs(criterion, predictions, targets)
             for layer, weights in enumerate(outputs["attention"]["cross"]):

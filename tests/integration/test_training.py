@@ -50,6 +50,13 @@ def test_default_entry_point_trains_evaluates_and_reports(tmp_path):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val-epoch-metrics/AP" in line for line in lines)
     assert any("sparsity/cross/layer_1/zero_ratio" in line for line in lines)
+    # the grid metrics: at the sites whose keys are the feature map, and no value (not 0) elsewhere
+    logged = {key for line in lines for key in line}
+    for site in ("encoder", "cross"):
+        assert {f"sparsity/{site}/layer_1/regions", f"sparsity/{site}/layer_1/largest_region_share"} <= logged
+    assert not {key for key in logged if key.startswith("sparsity/decoder/") and "region" in key}
+    softmax_regions = [line["sparsity/cross/layer_0/regions"] for line in lines if "sparsity/cross/layer_0/regions" in line]
+    assert softmax_regions and all(value == 1.0 for value in softmax_regions)  # dense maps: one region
 
 
 def test_sigkill_then_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
