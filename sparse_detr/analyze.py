@@ -178,7 +178,7 @@ def summary_markdown(trained, args: AnalyzeConfig, stats, alphas: dict[str, floa
         "(sparsity_init.csv): the part of the sparsity that was not learned." if init else "",
         "",
         markdown_table(["site", "layer", "mapping", *METRICS, *((f"{m} (init)" for m in INIT_METRICS) if init else ())],
-                       [[site, layer, cfg.placement[site], *(float(values[m].mean()) for m in METRICS),
+                       [[site, layer, cfg.placement[site], *(float(values[m].mean()) if m in values else None for m in METRICS),
                          *((initial[site, layer][m] for m in INIT_METRICS) if init else ())]
                         for (site, layer), values in stats.sparsity.items()]),
         "",
