@@ -22,6 +22,7 @@ from sparse_detr.checks import check_choice, check_range
 from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
 from sparse_detr.run_folder import ANALYSIS_NAME, analysis_dir, checkpoint_file, write_json
 from sparse_detr.sites import SITES
+from sparse_detr.tracking import ALPHA
 from sparse_detr.data import SPLITS
 
 
@@ -99,7 +100,7 @@ def analyze(cfg: DictConfig) -> Path:
     from sparse_detr.analysis.tables import write_csv
     from sparse_detr.data import evaluation_dataset
     from sparse_detr.engine.distributed import choose_device
-    from sparse_detr.engine.loop import learned_alphas
+    from sparse_detr.engine.loop import learned_mapping_values
     from sparse_detr.engine.trained_model import load_trained_model
 
     device = choose_device(args.device, 0)
@@ -113,7 +114,8 @@ def analyze(cfg: DictConfig) -> Path:
                               num_images=args.max_images, batch_size=args.batch_size or trained.cfg.data.batch_size,
                               threshold=args.threshold, paibb_layers=args.paibb_layers, device=device)
     sparsity, paibb = stats_lib.sparsity_rows(stats), stats_lib.paibb_rows(stats)
-    alphas = learned_alphas(trained.model)
+    learned = learned_mapping_values(trained.model)
+    alphas = {key: value for key, value in learned.items() if key.startswith(ALPHA + "/")}
     write_csv(out / "sparsity.csv", sparsity, stats_lib.SPARSITY_COLUMNS)
     write_csv(out / "paibb.csv", paibb, stats_lib.PAIBB_COLUMNS)
     paibb_by_size = stats_lib.paibb_size_rows(stats)
@@ -131,13 +133,13 @@ def analyze(cfg: DictConfig) -> Path:
         "checkpoint": args.checkpoint, "split": args.split, "num_images": stats.num_images,
         "threshold": args.threshold, "epoch": trained.state.get("epoch"),
         "global_step": trained.state.get("global_step"), "coco": stats.coco, "summary": stats_lib.summary_of(stats),
-        "sparsity": sparsity, "paibb": paibb, "paibb_by_size": paibb_by_size, "alphas": alphas, "init": init,
+        "sparsity": sparsity, "paibb": paibb, "paibb_by_size": paibb_by_size, "alphas": alphas, "learned": learned, "init": init,
     })
     figures = []
     if args.figures.enabled:
         from sparse_detr.viz.analysis_figures import analysis_figures
 
-        figures = analysis_figures(trained, dataset, stats, alphas, run_dir, out / "figures", args.figures, device)
+        figures = analysis_figures(trained, dataset, stats, learned, run_dir, out / "figures", args.figures, device)
     summary = summary_markdown(trained, args, stats, alphas, [p.relative_to(out) for p in figures], init)
     (out / "summary.md").write_text(summary, encoding="utf-8")
     print(summary)
@@ -176,7 +178,7 @@ def summary_markdown(trained, args: AnalyzeConfig, stats, alphas: dict[str, floa
         "(sparsity_init.csv): the part of the sparsity that was not learned." if init else "",
         "",
         markdown_table(["site", "layer", "mapping", *METRICS, *((f"{m} (init)" for m in INIT_METRICS) if init else ())],
-                       [[site, layer, cfg.placement[site], *(float(values[m].mean()) for m in METRICS),
+                       [[site, layer, cfg.placement[site], *(float(values[m].mean()) if m in values else None for m in METRICS),
                          *((initial[site, layer][m] for m in INIT_METRICS) if init else ())]
                         for (site, layer), values in stats.sparsity.items()]),
         "",

@@ -23,10 +23,10 @@ from omegaconf import DictConfig
 from sparse_detr.analysis.tables import cell
 from sparse_detr.checks import check_choice, check_range
 from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
-from sparse_detr.metrics.names import METRIC_NAMES
+from sparse_detr.metrics.names import GRID_METRICS, METRIC_NAMES
 from sparse_detr.metrics.names import SPARSITY_METRICS as METRICS
 from sparse_detr.run_folder import find_run_folders, read_metrics_log
-from sparse_detr.sites import SITES
+from sparse_detr.sites import SITE_BY_NAME, SITES
 from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY, axis_of
 from sparse_detr.viz import FORMATS
 
@@ -172,7 +172,7 @@ def report_figures(args: ReportConfig, variants, records, logs, variant_columns,
     ap = args.metrics[0]
     points = {site: [(label(v), v[f"{site}/{args.scatter_metric}"], v[f"{site}/{args.scatter_metric}_std"], v[ap],
                       v[f"{ap}_std"]) for v in variants if not math.isnan(v[f"{site}/{args.scatter_metric}"])]
-              for site in SITES}
+              for site in SITES if SITE_BY_NAME[site].grid_keys or args.scatter_metric not in GRID_METRICS}
     paths = save_figure(ap_vs_sparsity_figure(points, args.scatter_metric, ap), out / f"{ap}_vs_{args.scatter_metric}",
                         args.formats, args.dpi)
     if args.curves:

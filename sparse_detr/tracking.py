@@ -15,6 +15,7 @@ Metric keys are `<group>/<name>`; each group has one x axis (its step metric):
     train-metrics/             global_step  unscaled losses, per decoder layer
     train-extra-metrics/       global_step  lr per param group, iteration/data time, memory
     alpha/<site>/layer_<l>/head_<h>   global_step  learned alpha: a parameter that moves every step
+    lambda/<site>/layer_<l>/head_<h>  global_step  learned TVMax lambda, likewise (LEARNED_GROUPS)
     sparsity/                  global_step  attention sparsity, logged at the global step it was
                                             measured (training batches or an evaluation), so it
                                             lines up with the loss and alpha curves
@@ -53,6 +54,9 @@ TRAIN_EXTRA = "train-extra-metrics"
 TRAIN_EPOCH_MAIN = "train-epoch-main-metrics"
 VAL_EPOCH = "val-epoch-metrics"
 ALPHA = "alpha"
+LAMBDA = "lambda"
+# What mappings learn per head (`AttentionMapping.learned_names`), each its own group of series
+LEARNED_GROUPS = (ALPHA, LAMBDA)
 SPARSITY = "sparsity"
 PAIBB = "paibb"       # by object size, every validation pass (sparse_detr/metrics/paibb_sizes.py)
 
@@ -61,7 +65,7 @@ STEP_METRICS = {
     TRAIN_MAIN: STEP_METRIC,
     TRAIN: STEP_METRIC,
     TRAIN_EXTRA: STEP_METRIC,
-    ALPHA: STEP_METRIC,
+    **{group: STEP_METRIC for group in LEARNED_GROUPS},
     SPARSITY: STEP_METRIC,
     PAIBB: STEP_METRIC,
     TRAIN_EPOCH_MAIN: EPOCH_METRIC,
@@ -98,9 +102,10 @@ def axis_of(key: str) -> str:
     return STEP_METRICS[group]
 
 
-def alpha_key(site: str, layer: int, head: int) -> str:
-    """The series of one head's learned alpha: `alpha/<site>/layer_<l>/head_<h>`."""
-    return f"{ALPHA}/{site}/layer_{layer}/head_{head}"
+def learned_key(name: str, site: str, layer: int, head: int) -> str:
+    """The series of one head's learned mapping parameter `name` (a LEARNED_GROUPS entry):
+    `<name>/<site>/layer_<l>/head_<h>`, e.g. `alpha/cross/layer_0/head_3`."""
+    return f"{name}/{site}/layer_{layer}/head_{head}"
 
 
 def resolve_mode(mode: Optional[str]) -> str:

@@ -17,7 +17,7 @@ from sparse_detr.engine.loop import to_device
 from sparse_detr.engine.trained_model import TrainedModel
 from sparse_detr.metrics.coco_eval import CocoEvaluator
 from sparse_detr.metrics.paibb_sizes import PaibbBySize, matched_pairs
-from sparse_detr.metrics.sparsity import METRICS, SparsityAccumulator, paibb, site_masks
+from sparse_detr.metrics.sparsity import METRICS, SparsityAccumulator, paibb, site_layout
 from sparse_detr.models.detr import build_model
 
 SPARSITY_COLUMNS = ("site", "layer", "head", *METRICS)
@@ -69,7 +69,7 @@ def measure(model, criterion, postprocessor, dataset, *, num_images: int | None 
         evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
         for site, weights in outputs["attention"].items():
             for layer, layer_weights in enumerate(weights):
-                sparsity.update(site, layer, layer_weights.float(), *site_masks(site, outputs["feature_mask"]))
+                sparsity.update(site, layer, layer_weights.float(), *site_layout(site, outputs["feature_mask"]))
         matches = matched_pairs(criterion, outputs, targets)
         for layer in layers:
             scores = paibb(outputs["attention"]["cross"][layer], outputs["feature_mask"], matches)

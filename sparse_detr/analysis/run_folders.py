@@ -50,9 +50,10 @@ def parse_site_key(key: str) -> tuple[str, int, str]:
     return site, int(layer.removeprefix("layer_")), name
 
 
-def alpha_trajectories(rows: list[dict]) -> dict[str, list[tuple[int, list[float], list[float]]]]:
-    """{site: [(layer, steps, [per head alpha series])...]} of the `alpha/...` keys in the log."""
-    keys = sorted({k for row in rows for k in row if k.startswith(ALPHA + "/")}, key=parse_site_key)
+def alpha_trajectories(rows: list[dict], group: str = ALPHA) -> dict[str, list[tuple[int, list[float], list[float]]]]:
+    """{site: [(layer, steps, [per head series])...]} of the `<group>/...` keys in the log: the
+    learned alphas, or another learned mapping parameter (`tracking.LEARNED_GROUPS`)."""
+    keys = sorted({k for row in rows for k in row if k.startswith(group + "/")}, key=parse_site_key)
     grouped: dict[str, dict[int, list]] = {}
     for key in keys:
         site, layer, _ = parse_site_key(key)

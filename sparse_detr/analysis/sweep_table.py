@@ -16,9 +16,9 @@ from sparse_detr.analysis.attention_stats import site_summary
 from sparse_detr.analysis.run_folders import last_logged, logged_paibb, logged_sparsity, run_config, training_time_s
 from sparse_detr.naming import attention_and_placement, select
 from sparse_detr.run_folder import ANALYSIS_NAME, EVAL_METRICS_NAME, analysis_dir, read_json, read_metrics_log
-from sparse_detr.sites import SITES
+from sparse_detr.sites import SITE_LIST
 from sparse_detr.provenance import read_provenance, run_commits
-from sparse_detr.metrics.names import CLASS_AP
+from sparse_detr.metrics.names import CLASS_AP, GRID_METRICS
 from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY
 
 VARIANT_COLUMNS = ("attention", "placement", "backbone", "data")
@@ -60,8 +60,10 @@ def variant_of(config: dict, extra_keys: Sequence[str] = ()) -> dict[str, str]:
 
 
 def sparsity_columns(metrics: Sequence[str]) -> list[str]:
-    """`<site>/<metric>` for every site, then `cross/paibb`."""
-    return [f"{site}/{metric}" for site in SITES for metric in metrics] + ["cross/paibb"]
+    """`<site>/<metric>` for every site (the grid metrics only where the keys are the feature map),
+    then `cross/paibb`."""
+    return [f"{site.name}/{metric}" for site in SITE_LIST for metric in metrics
+            if site.grid_keys or metric not in GRID_METRICS] + ["cross/paibb"]
 
 
 def run_record(run_dir: Path, coco_metrics: Sequence[str], sparsity_metrics: Sequence[str],

@@ -15,9 +15,9 @@ from sparse_detr.errors import UserError
 from sparse_detr.matching.criterion import total_loss
 from sparse_detr.metrics.coco_eval import CocoEvaluator
 from sparse_detr.metrics.paibb_sizes import PaibbBySize, matched_pairs
-from sparse_detr.metrics.sparsity import SparsityAccumulator, site_masks
+from sparse_detr.metrics.sparsity import SparsityAccumulator, site_layout
 from sparse_detr.models.sparse_solver import check_uncertified
-from sparse_detr.tracking import TRAIN, TRAIN_EXTRA, TRAIN_MAIN, alpha_key
+from sparse_detr.tracking import TRAIN, TRAIN_EXTRA, TRAIN_MAIN, learned_key
 
 # Logged as the main series: DETR's weighted losses and its two error rates.
 MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
@@ -64,14 +64,14 @@ def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, (tensor / dist.get_world_size()).tolist()))
 
 
-def learned_alphas(model: nn.Module) -> dict[str, float]:
-    """`alpha/<site>/layer_<l>/head_<h>` for every learned alpha."""
+def learned_mapping_values(model: nn.Module) -> dict[str, float]:
+    """`<name>/<site>/layer_<l>/head_<h>` for every per-head value a mapping learns (`alpha`,
+    `lambda`: whatever its kind declares in `learned_values`)."""
     values = {}
     for site, layer, attention in unwrap(model).transformer.site_attention():
-        mapping = attention.mapping
-        if getattr(mapping, "learn_alpha", False):
-            for head, value in enumerate(mapping.alpha.detach().cpu().tolist()):
-                values[alpha_key(site, layer, head)] = value
+        for name, per_head in attention.mapping.learned_values().items():
+            for head, value in enumerate(per_head.detach().cpu().tolist()):
+                values[learned_key(name, site, layer, head)] = value
     return values
 
 
@@ -167,7 +167,7 @@ def train_one_epoch(model, criterion, loader, optimizer, state: TrainState, *, d
             metrics[f"{TRAIN_EXTRA}/data_time"] = data_time
             if device.type == "cuda":
                 metrics[f"{TRAIN_EXTRA}/memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            metrics.update(learned_alphas(model))
+            metrics.update(learned_mapping_values(model))
             tracker.log(metrics, step=state.global_step)
         progress.update(loss=loss_value)
         if on_step is not None:
@@ -214,7 +214,7 @@ def evaluate(model, postprocessor, loader, evaluator: CocoEvaluator, *, device, 
         if sparsity is not None:
             for site, layers in outputs["attention"].items():
                 for layer, weights in enumerate(layers):
-                    sparsity.update(site, layer, weights.float(), *site_masks(site, outputs["feature_mask"]))
+                    sparsity.update(site, layer, weights.float(), *site_layout(site, outputs["feature_mask"]))
         if paibb is not None:
             matches = matched_pairs(criterion, predictions, targets)
             for layer, weights in enumerate(outputs["attention"]["cross"]):

@@ -1,20 +1,29 @@
-"""DETR's AdamW parameter groups and step decay, with learned alphas in a group of their own."""
+"""DETR's AdamW parameter groups and step decay, with learned mapping parameters (alpha-entmax's
+alphas, TVMax's lambdas) in a group of their own."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-ALPHA_SUFFIX = "pre_alpha"
+from sparse_detr.models.mappings import AttentionMapping
+
+
+def mapping_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters that attention mappings own (what they learn: `pre_alpha`,
+    `log_lambda`, or a new kind's), whatever their names."""
+    return {id(p) for module in model.modules() if isinstance(module, AttentionMapping) for p in module.parameters()}
 
 
 def parameter_groups(model: nn.Module, optim_cfg) -> list[dict]:
-    """Three groups, each named: transformer and heads (lr), backbone (lr_backbone), alphas
-    (lr x alpha_lr_multiplier, no weight decay: decay would pull alpha towards 1.5 for no reason)."""
+    """Three groups, each named: transformer and heads (lr), backbone (lr_backbone), and `alpha`:
+    every learned mapping parameter (lr x alpha_lr_multiplier, no weight decay: decay would pull
+    alpha towards 1.5, or lambda towards 1, for no reason)."""
     groups = {"main": [], "backbone": [], "alpha": []}
+    learned = mapping_parameter_ids(model)
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if name.endswith(ALPHA_SUFFIX):
+        if id(parameter) in learned:
             groups["alpha"].append(parameter)
         elif name.startswith("backbone."):
             groups["backbone"].append(parameter)
@@ -33,7 +42,7 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, schedule_cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-epoch step decay at `lr_drop`; the alpha group keeps its rate unless `alpha_lr_drop`."""
+    """Per-epoch step decay at `lr_drop`; the alpha (mapping parameter) group keeps its rate unless `alpha_lr_drop`."""
     def decay(epoch: int) -> float:
         return schedule_cfg.lr_drop_factor if epoch >= schedule_cfg.lr_drop else 1.0
 

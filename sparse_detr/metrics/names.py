@@ -6,4 +6,6 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 CLASS_AP = "AP_class"   # per-class AP keys: "AP_class/<category name>"
 
 # Attention sparsity statistics per site, layer and head (metrics/sparsity.py).
-SPARSITY_METRICS = ("zero_ratio", "near_zero_ratio", "gini", "support", "entropy")
+# The grid ones (metrics/regions.py) exist only at sites whose keys are the feature map.
+GRID_METRICS = ("regions", "largest_region_share")
+SPARSITY_METRICS = ("zero_ratio", "near_zero_ratio", "gini", "support", "entropy", *GRID_METRICS)

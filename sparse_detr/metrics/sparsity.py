@@ -1,4 +1,5 @@
-"""How sparse is attention, per head: zero ratio, Gini index, support size, entropy, and PAIBB.
+"""How sparse is attention, per head: zero ratio, Gini index, support size, entropy, the support's
+regions on the image grid (`regions`), and PAIBB.
 
 Every row metric is taken over one query's weights on its image's real keys only: with images
 of different sizes batched, padded keys and padded queries are no part of what the model
@@ -18,8 +19,8 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from sparse_detr.metrics.names import SPARSITY_METRICS as METRICS  # noqa: F401 (the names of what this module computes)
+from sparse_detr.metrics.regions import support_regions
 from sparse_detr.sites import SITE_BY_NAME
-
 
 
 def sparsity_sums(
@@ -27,6 +28,7 @@ def sparsity_sums(
     key_mask: Tensor | None = None,
     query_mask: Tensor | None = None,
     threshold: float = 1e-6,
+    key_grid: tuple[int, int] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-head sums and counts of each metric, float64, so that batches add up exactly.
 
@@ -35,12 +37,16 @@ def sparsity_sums(
     query_mask: [batch, queries], True on padded queries; for encoder self-attention pass the
         key mask again (queries and keys are the same positions).
     threshold: weights <= threshold count as near zero, so dense (softmax) maps can be compared.
+    key_grid: (H, W) of the padded feature map when the keys are its cells (row-major); None when
+        they are not a grid (decoder self-attention), and then the GRID_METRICS are absent.
     Returns {metric: (sum [heads], count [heads])}; the mean is sum / count:
         zero_ratio, near_zero_ratio: share of the real-key weights that are 0 (resp. <= threshold),
             counted over all entries of the live rows;
         gini: Gini index of a row, 0 for uniform, (n - 1) / n for one-hot on n real keys;
         support: number of non-zero weights in a row;
-        entropy: -sum w log w over a row (natural log, 0 log 0 = 0).
+        entropy: -sum w log w over a row (natural log, 0 log 0 = 0);
+        regions, largest_region_share (key_grid only): 4-connected regions of a row's support on
+            the grid, and the share of its mass in the heaviest one (`regions.support_regions`).
     """
     w = weights.detach().float()
     batch, _, queries, keys = w.shape
@@ -68,13 +74,20 @@ def sparsity_sums(
         return torch.where(live, values, 0.0).sum((0, 2)).double()
 
     entries = over_live_rows(n.expand_as(mass))
-    return {
+    sums = {
         "zero_ratio": (over_live_rows(zeros), entries),
         "near_zero_ratio": (over_live_rows(near_zeros), entries),
         "gini": (over_live_rows(gini), rows),
         "support": (over_live_rows(n - zeros), rows),
         "entropy": (over_live_rows(entropy), rows),
     }
+    if key_grid is not None:
+        regions, largest_share = support_regions(w[live].reshape(-1, *key_grid))  # live rows only
+        head = live.nonzero()[:, 1].cpu()
+        per_head = torch.zeros(w.shape[1], dtype=torch.float64)
+        sums["regions"] = (per_head.index_add(0, head, regions.double()).to(rows), rows)
+        sums["largest_region_share"] = (per_head.index_add(0, head, largest_share).to(rows), rows)
+    return sums
 
 
 def attention_sparsity(
@@ -82,18 +95,21 @@ def attention_sparsity(
     key_mask: Tensor | None = None,
     query_mask: Tensor | None = None,
     threshold: float = 1e-6,
+    key_grid: tuple[int, int] | None = None,
 ) -> dict[str, Tensor]:
     """Per-head means of one batch: {metric: [heads]}; arguments as in `sparsity_sums`."""
-    sums = sparsity_sums(weights, key_mask, query_mask, threshold)
+    sums = sparsity_sums(weights, key_mask, query_mask, threshold, key_grid)
     return {name: total / count for name, (total, count) in sums.items()}
 
 
-def site_masks(site: str, feature_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(key mask, query mask) of a site's weights, True on padding: encoder self-attention is over
-    the feature map both ways, cross-attention has padded keys only, decoder self-attention none."""
+def site_layout(site: str, feature_mask: torch.Tensor) -> tuple[Tensor | None, Tensor | None, tuple[int, int] | None]:
+    """(key mask, query mask, key grid) of a site's weights, masks True on padding: encoder
+    self-attention is over the feature map both ways, cross-attention has padded grid keys only,
+    decoder self-attention no padding and no grid. Unpacks into `SparsityAccumulator.update`."""
     cells = feature_mask.flatten(1)
     kind = SITE_BY_NAME[site]
-    return (cells if kind.grid_keys else None), (cells if kind.grid_queries else None)
+    grid = tuple(feature_mask.shape[-2:]) if kind.grid_keys else None
+    return (cells if kind.grid_keys else None), (cells if kind.grid_queries else None), grid
 
 
 class SparsityAccumulator:
@@ -114,9 +130,10 @@ class SparsityAccumulator:
         weights: Tensor,
         key_mask: Tensor | None = None,
         query_mask: Tensor | None = None,
+        key_grid: tuple[int, int] | None = None,
     ) -> None:
-        """Add one batch of one attention site and layer; shapes as in `sparsity_sums`."""
-        new = sparsity_sums(weights, key_mask, query_mask, self.threshold)
+        """Add one batch of one attention site and layer; arguments as in `sparsity_sums`."""
+        new = sparsity_sums(weights, key_mask, query_mask, self.threshold, key_grid)
         old = self._sums.get((site, layer))
         if old is not None:
             new = {name: (old[name][0] + total, old[name][1] + count) for name, (total, count) in new.items()}

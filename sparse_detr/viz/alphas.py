@@ -1,5 +1,5 @@
-"""The learned alpha of every head and layer: a heatmap of the trained model, and its trajectories
-over training (from `metrics.jsonl`)."""
+"""The learned alpha (or another learned mapping parameter, e.g. TVMax's lambda) of every head and
+layer: a heatmap of the trained model, and its trajectories over training (from `metrics.jsonl`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -13,7 +13,7 @@ from sparse_detr.viz.sparsity_plots import site_title
 
 
 def alpha_grids(alphas: Mapping[str, float]) -> dict[str, np.ndarray]:
-    """{`alpha/<site>/layer_<l>/head_<h>`: value} (as `engine.loop.learned_alphas` gives and the
+    """{`alpha/<site>/layer_<l>/head_<h>`: value} (as `engine.loop.learned_mapping_values` gives and the
     log holds) -> {site: [layers, heads]}, NaN where a layer has no learned alpha."""
     cells = {parse_site_key(key): value for key, value in alphas.items()}
     grids = {}
@@ -27,11 +27,13 @@ def alpha_grids(alphas: Mapping[str, float]) -> dict[str, np.ndarray]:
     return grids
 
 
-def alpha_heatmap_figure(grids: Mapping[str, np.ndarray]):
-    """One layer x head heatmap per site, each cell annotated with its alpha (colour scale 1 to 2)."""
+def alpha_heatmap_figure(grids: Mapping[str, np.ndarray], name: str = "alpha"):
+    """One layer x head heatmap per site, each cell annotated with its value of `name` (colour
+    scale 1 to 2 for alpha, the values' range otherwise); grids as `alpha_grids` gives for any group."""
     figure, axes = new_figure(1, len(grids), cell=(3.5, 3.0))
+    scale = {"vmin": 1.0, "vmax": 2.0} if name == "alpha" else {}
     for ax, (site, grid) in zip(axes[0], grids.items()):
-        image = ax.imshow(grid, vmin=1.0, vmax=2.0, cmap="coolwarm", aspect="auto")
+        image = ax.imshow(grid, cmap="coolwarm", aspect="auto", **scale)
         for (layer, head), value in np.ndenumerate(grid):
             if not np.isnan(value):
                 ax.text(head, layer, f"{value:.3f}", ha="center", va="center", fontsize=6)
@@ -39,15 +41,15 @@ def alpha_heatmap_figure(grids: Mapping[str, np.ndarray]):
         ax.set_yticks(range(grid.shape[0]))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_title(f"alpha, {site_title(site)}", fontsize=9)
+        ax.set_title(f"{name}, {site_title(site)}", fontsize=9)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     return figure
 
 
-def alpha_trajectories_figure(trajectories: Mapping[str, list]):
-    """Rows: sites; columns: layers; one line per head against global_step.
+def alpha_trajectories_figure(trajectories: Mapping[str, list], name: str = "alpha"):
+    """Rows: sites; columns: layers; one line per head of `name` against global_step.
 
-    trajectories: `run_folders.alpha_trajectories(rows)`, {site: [(layer, steps, [per head values])]}."""
+    trajectories: `run_folders.alpha_trajectories(rows, name)`, {site: [(layer, steps, [per head values])]}."""
     cols = max(len(layers) for layers in trajectories.values())
     figure, axes = new_figure(len(trajectories), cols, cell=(3.0, 2.5), sharey=True)
     for row, (site, layers) in enumerate(trajectories.items()):
@@ -57,7 +59,7 @@ def alpha_trajectories_figure(trajectories: Mapping[str, list]):
                 ax.plot(steps, values, label=f"head {head}")
             ax.set_title(f"{site}, layer {layer}", fontsize=9)
             ax.set_xlabel("global_step")
-            ax.set_ylabel("alpha")
+            ax.set_ylabel(name)
         for col in range(len(layers), cols):
             axes[row, col].set_visible(False)
     axes[0, 0].legend(fontsize=7)

@@ -1,5 +1,6 @@
 """The figure set of `sparse-detr-analyze`: detections and cross-attention of chosen images,
-sparsity bars, PAIBB bars, and the learned alphas (model heatmap, training trajectories)."""
+sparsity bars, PAIBB bars, and the learned mapping parameters (alphas, lambdas: model heatmap,
+training trajectories)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,7 @@ from sparse_detr.data.coco import category_table
 from sparse_detr.engine.trained_model import TrainedModel
 from sparse_detr.metrics.sparsity import METRICS
 from sparse_detr.run_folder import read_metrics_log
-from sparse_detr.tracking import ALPHA
+from sparse_detr.tracking import LEARNED_GROUPS
 from sparse_detr.viz import save_figure
 from sparse_detr.viz.alphas import alpha_grids, alpha_heatmap_figure, alpha_trajectories_figure
 from sparse_detr.viz.attention_maps import (GT_COLOR, PRED_COLOR, cross_attention_figure, denormalize,
@@ -22,9 +23,10 @@ from sparse_detr.viz.attention_maps import (GT_COLOR, PRED_COLOR, cross_attentio
 from sparse_detr.viz.sparsity_plots import sparsity_bars_figure
 
 
-def analysis_figures(trained: TrainedModel, dataset, stats: AttentionStats, alphas: dict[str, float], run_dir: Path,
+def analysis_figures(trained: TrainedModel, dataset, stats: AttentionStats, learned: dict[str, float], run_dir: Path,
                      out: Path, fig_cfg, device) -> list[Path]:
-    """Draw every figure into `out`; returns the paths written (fig_cfg: analyze's FiguresConfig)."""
+    """Draw every figure into `out`; returns the paths written (fig_cfg: analyze's FiguresConfig;
+    learned: `engine.loop.learned_mapping_values` of the model)."""
     def save(figure, name):
         paths.extend(save_figure(figure, out / name, fig_cfg.formats, fig_cfg.dpi))
 
@@ -33,16 +35,19 @@ def analysis_figures(trained: TrainedModel, dataset, stats: AttentionStats, alph
         for name, figure in image_figures(trained, dataset, index, fig_cfg, device):
             save(figure, name)
     for metric in METRICS:
-        save(sparsity_bars_figure({key: values[metric] for key, values in stats.sparsity.items()}, metric),
-             f"sparsity_{metric}")
+        per_head = {key: values[metric] for key, values in stats.sparsity.items() if metric in values}  # grid sites only for some
+        if per_head:
+            save(sparsity_bars_figure(per_head, metric), f"sparsity_{metric}")
     if stats.paibb:
         per_head = {("cross", layer): pairs.nanmean(0) for layer, pairs in stats.paibb.items()}
         save(sparsity_bars_figure(per_head, "PAIBB"), "paibb")
-    if alphas:
-        save(alpha_heatmap_figure(alpha_grids(alphas)), "alphas")
-    trajectories = alpha_trajectories(read_metrics_log(run_dir, prefixes=[ALPHA + "/"]))
-    if trajectories:
-        save(alpha_trajectories_figure(trajectories), "alpha_trajectories")
+    for group in LEARNED_GROUPS:   # figures `alphas`, `alpha_trajectories`, `lambdas`, `lambda_trajectories`
+        values = {key: value for key, value in learned.items() if key.startswith(group + "/")}
+        if values:
+            save(alpha_heatmap_figure(alpha_grids(values), group), f"{group}s")
+        trajectories = alpha_trajectories(read_metrics_log(run_dir, prefixes=[group + "/"]), group)
+        if trajectories:
+            save(alpha_trajectories_figure(trajectories, group), f"{group}_trajectories")
     return paths
 
 

@@ -50,6 +50,24 @@ def test_default_entry_point_trains_evaluates_and_reports(tmp_path):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("val-epoch-metrics/AP" in line for line in lines)
     assert any("sparsity/cross/layer_1/zero_ratio" in line for line in lines)
+    # the grid metrics: at the sites whose keys are the feature map, and no value (not 0) elsewhere
+    logged = {key for line in lines for key in line}
+    for site in ("encoder", "cross"):
+        assert {f"sparsity/{site}/layer_1/regions", f"sparsity/{site}/layer_1/largest_region_share"} <= logged
+    assert not {key for key in logged if key.startswith("sparsity/decoder/") and "region" in key}
+    softmax_regions = [line["sparsity/cross/layer_0/regions"] for line in lines if "sparsity/cross/layer_0/regions" in line]
+    assert softmax_regions and all(value == 1.0 for value in softmax_regions)  # dense maps: one region
+
+
+def test_a_learned_lambda_run_logs_every_head_and_layer(tmp_path):
+    run_dir = tmp_path / "run"
+    run(train_command(run_dir, "attention=tvmax", "placement=cross", "attention.learn_lambda=true",
+                      "attention.impl=eager", "train.log_every=1", "train.max_steps=2"), tmp_path)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {key for line in lines for key in line}
+    assert {key for key in logged if key.startswith("lambda/")} == {
+        f"lambda/cross/layer_{l}/head_{h}" for l in range(2) for h in range(4)}
+    assert "train-extra-metrics/lr_alpha" in logged   # lambdas train in the mapping (alpha) group
 
 
 def test_sigkill_then_resume_gives_the_same_weights_as_a_straight_run(tmp_path):

@@ -1,7 +1,10 @@
 """Engine pieces: data order, parameter groups, schedule, checkpoints, a training step that learns."""
+import pytest
 import torch
 
 from sparse_detr import build_model
+from sparse_detr.engine.loop import learned_mapping_values
+from sparse_detr.models.mappings import AttentionMapping
 from sparse_detr.engine.checkpoint import atomic_save, load_training_checkpoint, restore_rng_states, rng_states
 from sparse_detr.engine.optim import build_optimizer, build_scheduler
 from sparse_detr.engine.sampling import EpochSampler, SeededSamples
@@ -61,6 +64,49 @@ def test_alphas_get_their_own_group_without_weight_decay_and_optional_lr_drop(co
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert groups["main"]["lr"] == cfg.optim.lr * 0.1
     assert groups["alpha"]["lr"] == cfg.optim.lr * cfg.optim.alpha_lr_multiplier
+
+
+def test_learned_lambdas_train_in_the_mapping_group_without_weight_decay_and_are_logged_per_head(compose):
+    cfg = compose("attention=tvmax", "placement=encoder", "attention.learn_lambda=true", "attention.tv_lambda=0.2",
+                  "attention.impl=eager")
+    model, _, _ = build_model(cfg)
+    groups = {g["name"]: g for g in build_optimizer(model, cfg.optim).param_groups}
+    lambdas = {id(p) for name, p in model.named_parameters() if name.endswith("log_lambda")}
+    assert len(lambdas) == cfg.model.enc_layers
+    assert {id(p) for p in groups["alpha"]["params"]} == lambdas     # and nowhere else
+    assert not lambdas & {id(p) for g in ("main", "backbone") for p in groups[g]["params"]}
+    assert groups["alpha"]["weight_decay"] == 0.0 and groups["main"]["weight_decay"] == cfg.optim.weight_decay
+    heads = cfg.model.nheads
+    values = learned_mapping_values(model)
+    assert values == pytest.approx({f"lambda/encoder/layer_{l}/head_{h}": 0.2
+                                    for l in range(cfg.model.enc_layers) for h in range(heads)})
+
+
+def test_a_fifth_kind_declares_what_it_learns_and_needs_no_engine_edit(compose):
+    """A kind registered from this test alone: its parameter trains without decay and is logged."""
+    class ScaledSoftmax(AttentionMapping):
+        name, learned_names = "scaled_softmax_test", ("temperature",)
+
+        def __init__(self, heads):
+            super().__init__()
+            self.log_temperature = torch.nn.Parameter(torch.zeros(heads))
+
+        def learned_values(self):
+            return {"temperature": self.log_temperature.exp()}
+
+        def _map(self, x):
+            return torch.softmax(x / self.log_temperature.exp().view(1, -1, 1, 1), dim=-1)
+
+    cfg = compose()
+    model, _, _ = build_model(cfg)
+    for _, _, attention in model.transformer.site_attention():
+        attention.mapping = ScaledSoftmax(cfg.model.nheads)
+    groups = {g["name"]: g for g in build_optimizer(model, cfg.optim).param_groups}
+    temperatures = {id(p) for name, p in model.named_parameters() if name.endswith("log_temperature")}
+    assert temperatures and {id(p) for p in groups["alpha"]["params"]} == temperatures
+    assert set(learned_mapping_values(model)) == {
+        f"temperature/{site}/layer_{l}/head_{h}" for site, l, _ in model.transformer.site_attention()
+        for h in range(cfg.model.nheads)}
 
 
 def test_checkpoint_round_trip_restores_every_random_stream(tmp_path):

@@ -9,6 +9,7 @@ from sparse_detr.config import GRID_MAPPINGS, MAPPING_NAMES, config_dir
 from sparse_detr.engine.optim import build_optimizer
 from sparse_detr.models.mappings import MAPPINGS, AttentionMapping, attention_mapping, config_value, register_mapping
 from sparse_detr.sites import SITES
+from sparse_detr.tracking import LEARNED_GROUPS
 
 
 def test_registry_keys_are_the_config_mapping_names():
@@ -77,3 +78,8 @@ def test_a_kind_registered_from_outside_builds_everywhere_and_trains(compose, to
 def test_registering_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="sparsemax.*twice"):
         register_mapping(type("Again", (AttentionMapping,), {"name": "sparsemax"}))
+
+
+def test_every_learned_name_a_kind_declares_is_a_tracked_group():
+    for kind in MAPPINGS.values():
+        assert set(kind.learned_names) <= set(LEARNED_GROUPS), kind.name

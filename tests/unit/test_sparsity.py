@@ -4,7 +4,10 @@ import math
 import pytest
 import torch
 
+from sparse_detr.metrics.names import GRID_METRICS
 from sparse_detr.metrics.sparsity import METRICS, SparsityAccumulator, attention_sparsity, paibb, sparsity_sums
+
+ROW_METRICS = tuple(name for name in METRICS if name not in GRID_METRICS)  # what a map without a key grid gets
 
 
 def padded_rows(row_for_n, real_keys, keys, heads=2, queries=3, junk=0.0):
@@ -28,7 +31,7 @@ REAL_KEYS = [5, 3, 8]
 def test_uniform_rows():
     weights, key_mask = padded_rows(lambda n: torch.full((n,), 1 / n), REAL_KEYS, keys=8, junk=0.7)
     stats = attention_sparsity(weights, key_mask)
-    assert set(stats) == set(METRICS)
+    assert set(stats) == set(ROW_METRICS)
     for name, expected in {
         "zero_ratio": 0.0,
         "near_zero_ratio": 0.0,
@@ -90,13 +93,13 @@ def test_padded_queries_and_all_zero_rows_are_excluded():
     with_extra_rows[:, :, 6:7] = 0.0  # padded and all zero
     zero_rows = torch.cat([weights, torch.zeros(2, 3, 3, 6)], dim=2)
     for stats in (attention_sparsity(with_extra_rows, query_mask=query_mask), attention_sparsity(zero_rows)):
-        for name in METRICS:
+        for name in ROW_METRICS:
             torch.testing.assert_close(stats[name], reference[name])
 
 
 def loop_reference(weights, key_mask, query_mask, threshold):
     """Row-by-row metrics in float64 numpy-style Python, Gini from mean absolute differences."""
-    sums = {name: [0.0] * weights.shape[1] for name in METRICS}
+    sums = {name: [0.0] * weights.shape[1] for name in ROW_METRICS}
     rows, entries = [0] * weights.shape[1], [0] * weights.shape[1]
     for b in range(weights.shape[0]):
         real = ~key_mask[b]
@@ -116,7 +119,7 @@ def loop_reference(weights, key_mask, query_mask, threshold):
     counts = {"zero_ratio": entries, "near_zero_ratio": entries}
     return {
         name: torch.tensor([s / c for s, c in zip(sums[name], counts.get(name, rows))], dtype=torch.float64)
-        for name in METRICS
+        for name in ROW_METRICS
     }
 
 
@@ -137,7 +140,7 @@ def test_matches_loop_reference_on_random_sparse_maps():
     weights, key_mask = random_sparse_batch(generator)
     stats = attention_sparsity(weights, key_mask, query_mask=key_mask, threshold=1e-6)
     reference = loop_reference(weights, key_mask, key_mask, threshold=1e-6)
-    for name in METRICS:
+    for name in ROW_METRICS:
         torch.testing.assert_close(stats[name], reference[name], atol=1e-6, rtol=1e-6)
 
 
@@ -157,10 +160,10 @@ def test_accumulator_over_two_batches_equals_one_big_batch():
     expected = attention_sparsity(big, big_mask, query_mask=big_mask)
     result = accumulator.compute()
     assert set(result) == {("encoder", 0), ("decoder_cross", 1)}
-    for name in METRICS:
+    for name in ROW_METRICS:
         torch.testing.assert_close(result[("encoder", 0)][name], expected[name])
         torch.testing.assert_close(result[("decoder_cross", 1)][name], attention_sparsity(second, second_mask)[name])
-    assert set(sparsity_sums(first, first_mask)) == set(METRICS)
+    assert set(sparsity_sums(first, first_mask)) == set(ROW_METRICS)
 
 
 # PAIBB ---------------------------------------------------------------------------------------
@@ -250,5 +253,5 @@ def test_accumulator_synchronize_sums_all_ranks(tmp_path):
     results = torch.multiprocessing.get_context("spawn").SimpleQueue()
     torch.multiprocessing.spawn(_distributed_worker, args=(2, tmp_path / "init", results), nprocs=2, join=True)
     result = results.get()  # plain lists: tensors in a queue need the sender alive
-    for name in METRICS:
+    for name in ROW_METRICS:
         torch.testing.assert_close(torch.tensor(result[name], dtype=torch.float64), expected[name])

@@ -13,7 +13,7 @@ import pytest
 
 from sparse_detr.config import ConfigError, validate
 from wandb_reader import read_wandb_run
-from sparse_detr.tracking import (LoggerConfig, NullTracker, alpha_key, build_tracker, resolve_mode,
+from sparse_detr.tracking import (LoggerConfig, NullTracker, learned_key, build_tracker, resolve_mode,
                                   scrub_secrets)
 
 API_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -52,7 +52,7 @@ def log_session(tracker, steps, epoch):
         tracker.log({"train-main-metrics/loss": 1.0 / (step + 1),
                      "train-metrics/loss_ce_0": 0.5,
                      "train-extra-metrics/lr_group_0": 1e-4,
-                     alpha_key("cross", 1, 3): 1.5 + step / 100,
+                     learned_key("alpha", "cross", 1, 3): 1.5 + step / 100,
                      "sparsity/cross/layer_1": 0.25}, step=step)
     tracker.log_epoch({"train-epoch-main-metrics/loss": 0.4, "val-epoch-metrics/AP": 0.1 * epoch},
                       epoch=epoch)
@@ -89,8 +89,8 @@ def test_wandb_offline_logs_groups_step_metrics_and_scrubbed_config(first_sessio
     assert logged["metrics"] == {
         "global_step": "", "epoch": "",
         "train-main-metrics/*": "global_step", "train-metrics/*": "global_step",
-        "train-extra-metrics/*": "global_step", "alpha/*": "global_step", "sparsity/*": "global_step",
-        "paibb/*": "global_step",
+        "train-extra-metrics/*": "global_step", "alpha/*": "global_step", "lambda/*": "global_step",
+        "sparsity/*": "global_step", "paibb/*": "global_step",
         "train-epoch-main-metrics/*": "epoch", "val-epoch-metrics/*": "epoch"}
 
     config = {k: v for k, v in logged["config"].items() if k != "_wandb"}

@@ -8,7 +8,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from sparse_detr import build_model, load_config
-from sparse_detr.engine.loop import learned_alphas
+from sparse_detr.engine.loop import learned_mapping_values
 from sparse_detr.viz import save_figure
 from sparse_detr.viz.alphas import alpha_grids, alpha_heatmap_figure, alpha_trajectories_figure
 from sparse_detr.viz.attention_maps import cross_attention_figure, denormalize, detections_figure, query_attention_maps
@@ -81,7 +81,7 @@ def test_detections_figure_draws_boxes_with_captions(tmp_path):
 def test_alpha_grids_and_heatmap_from_a_model_with_learned_alphas(tmp_path):
     cfg = load_config([*TINY, "attention=alpha_entmax", "placement=decoder_all", "attention.impl=eager"])
     model, _, _ = build_model(cfg)
-    grids = alpha_grids(learned_alphas(model))
+    grids = alpha_grids(learned_mapping_values(model))
     assert set(grids) == {"decoder", "cross"} and all(g.shape == (2, 4) for g in grids.values())
     assert np.allclose(grids["cross"], 1.5, atol=1e-5)
     (path,) = save_figure(alpha_heatmap_figure(grids), tmp_path / "alphas", ["png"])

@@ -63,6 +63,10 @@ class AttentionMapping(nn.Module):
     output nor the gradient of such a row can be NaN."""
     name: str  # the config name; registered by @register_mapping
     needs_grid = False  # True: `_map(x, grid)` needs the key grid, so only sites whose keys are the feature map
+    # The names of the per-head values it may learn (`alpha`, `lambda`): each is logged as
+    # `<name>/<site>/layer_<l>/head_<h>` (a group of `tracking.LEARNED_GROUPS`), and every parameter of
+    # a mapping module trains in the optimizer's mapping group (no weight decay).
+    learned_names: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, attention_cfg: Any, num_heads: int | None) -> AttentionMapping:
@@ -89,6 +93,11 @@ class AttentionMapping(nn.Module):
         empty = padded.all(-1, keepdim=True)
         p = self._call_map(x.masked_fill(padded & ~empty, float("-inf")), key_grid)
         return p.masked_fill(empty, 0.0)
+
+    def learned_values(self) -> dict[str, torch.Tensor]:
+        """{name in `learned_names`: its current value per head [num_heads]} for what this instance
+        learns (empty when its parameters are fixed); what the training loop logs."""
+        return {}
 
     def _call_map(self, x, key_grid):
         return self._map(x, key_grid) if self.needs_grid else self._map(x)

@@ -110,6 +110,7 @@ class AlphaEntmax(AttentionMapping):
     "random" draws pre_alpha from a standard normal with torch's global generator (the trainer
     seeds it with the run's seed before building the model), as the thesis did."""
     name, solver = "alpha_entmax", ALPHA_ENTMAX
+    learned_names = ("alpha",)
 
     def __init__(self, alpha: float = 1.5, *, learn_alpha: bool = False, num_heads: int | None = None,
                  impl: str = "fast", alpha_init: str = "value", alpha_param: str = "scaled_sigmoid"):
@@ -153,6 +154,9 @@ class AlphaEntmax(AttentionMapping):
         if self.learn_alpha:
             return self._alpha_of(self.pre_alpha)
         return torch.tensor(self.fixed_alpha)
+
+    def learned_values(self):
+        return {"alpha": self.alpha} if self.learn_alpha else {}
 
     def _map(self, x):
         # per-head alpha broadcasts over [batch, heads, queries, 1]; a fixed one stays a float

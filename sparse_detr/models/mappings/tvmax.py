@@ -29,6 +29,7 @@ class TVMax(AttentionMapping):
     """TVMax with lambda > 0 fixed, or learned per head (lambda = exp(log_lambda), [num_heads])."""
     name = "tvmax"
     needs_grid = True
+    learned_names = ("lambda",)
 
     def __init__(self, tv_lambda: float = 0.1, *, learn_lambda: bool = False, num_heads: int | None = None,
                  impl: str = "fast"):
@@ -55,6 +56,9 @@ class TVMax(AttentionMapping):
     def tv_lambda(self) -> torch.Tensor:
         """Current lambda: [num_heads] if learned (differentiable), else a scalar tensor."""
         return self.log_lambda.exp() if self.learn_lambda else torch.tensor(self.fixed_lambda)
+
+    def learned_values(self):
+        return {"lambda": self.tv_lambda} if self.learn_lambda else {}
 
     def _map(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         batch, heads, queries, keys = x.shape
