@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_detr.data.config import DataConfig
 from sparse_detr.checks import check_choice, check_range
 from sparse_detr.errors import EXIT_USER_ERROR, ConfigError, UserError, one_line
+from sparse_detr.hf_folder import is_hf_detr_folder
 from sparse_detr.run_folder import checkpoint_path
 from sparse_detr.signals import signal_names
 from sparse_detr.sites import SITE_BY_NAME, SITES
@@ -299,7 +300,7 @@ def validate_run(cfg: DictConfig, run_dir: str | Path) -> TrainConfig:
         if checked.resume and not Path(checked.resume).expanduser().is_file():
             raise ConfigError(f"resume={checked.resume!r}: no such file (give the path of a checkpoint .pth file)")
         init_from = Path(checked.init_from).expanduser() if checked.init_from else None
-        if init_from and not (init_from.is_file() or (init_from / "config.json").is_file()):
+        if init_from and not (init_from.is_file() or is_hf_detr_folder(init_from)):
             raise ConfigError(f"init_from={checked.init_from!r}: no such file (give a checkpoint .pth file, "
                               "or a Hugging Face DETR folder with config.json)")
     return checked

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from sparse_detr.errors import UnreadableFile
-from sparse_detr.models.hf_detr import is_hf_detr_folder, load_hf_detr_folder
+from sparse_detr.hf_folder import is_hf_detr_folder
+from sparse_detr.models.hf_detr import load_hf_detr_folder
 
 SAFE_GLOBALS = [argparse.Namespace]
 # Lines of torch.load's errors that say nothing about the file at hand.

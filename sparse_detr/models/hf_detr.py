@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-SAFETENSORS, PYTORCH_BIN = "model.safetensors", "pytorch_model.bin"
+from sparse_detr.hf_folder import CONFIG_NAME, PYTORCH_BIN, SAFETENSORS
+
 TORCHVISION_DEPTHS = {"basic": {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet34"},
                       "bottleneck": {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}}
 TIMM_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -45,10 +46,6 @@ HF_RESNET = [
     (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
     (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
 ]
-
-
-def is_hf_detr_folder(path: str | Path) -> bool:
-    return Path(path).expanduser().is_dir() and (Path(path).expanduser() / "config.json").is_file()
 
 
 def hf_backbone_name(config: dict) -> str:
@@ -146,6 +143,6 @@ def convert_state_dict(weights: dict[str, torch.Tensor], timm_backbone: bool) ->
 def load_hf_detr_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     """A `save_pretrained` folder of `DetrForObjectDetection` -> our state dict."""
     folder = Path(folder).expanduser()
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / CONFIG_NAME).read_text())
     check_representable(config)
     return convert_state_dict(read_hf_weights(folder), timm_backbone=config.get("use_timm_backbone", True))
