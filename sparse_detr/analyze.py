@@ -64,8 +64,7 @@ class AnalyzeConfig:
     init_reference: bool = True          # also measure the model as training started it (sparsity_init.csv)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
 
-    def __post_init__(self):
-        self.checkpoint = checkpoint_file(self.checkpoint)
+    def __post_init__(self):  # (the checkpoint is checked by `analyze`: a run may check these before it has one)
         check_choice("split", self.split, SPLITS)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_range("threshold", self.threshold, low=0.0)
@@ -96,6 +95,7 @@ def analyze(cfg: DictConfig) -> Path:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint is required: sparse-detr-analyze checkpoint=RUN_FOLDER[/checkpoint.pth]")
     args: AnalyzeConfig = validate(cfg)
+    args.checkpoint = checkpoint_file(args.checkpoint)
     from sparse_detr.analysis import attention_stats as stats_lib  # heavy imports after the config is known good
     from sparse_detr.analysis.tables import write_csv
     from sparse_detr.data import evaluation_dataset

@@ -181,6 +181,8 @@ class LoopConfig:
     max_steps: Optional[int] = None   # stop after this many optimizer steps in all
     log_every: int = 10               # steps between logged training metrics
     progress: str = "auto"            # auto (a bar on a terminal only) | on | off
+    analyze_at_end: bool = False      # then analyse the final checkpoint in this job (sparse-detr-study asks for it)
+    analyze_overrides: List[str] = field(default_factory=list)  # for that analysis, e.g. [max_images=200]
 
     def __post_init__(self):
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))

@@ -14,7 +14,7 @@
 This module is the one owner of that layout; the trainer, tracking, evaluation, analysis, the
 sweep status and the benchmarks all go through it. No torch here (reading a report config or a
 sweep's status must stay light): the checkpoint files are written and read by
-`engine/checkpoint.py` at the paths named here.
+`engine/checkpoint.py` at the paths named here; `read_checkpoint_state` imports torch when called.
 """
 from __future__ import annotations
 
@@ -189,3 +189,63 @@ def read_metrics_log(run_dir: str | Path, prefixes: Sequence[str] | None = None)
                 row = {k: v for k, v in row.items() if k in KEPT or k.startswith(tuple(prefixes))}
             rows.append(row)
     return rows
+
+
+def read_checkpoint_state(path: Path) -> Optional[dict]:
+    """`state` of a training checkpoint (epoch, global_step, ...) without reading its tensors;
+    None when missing, being replaced right now, or not a checkpoint."""
+    if not Path(path).is_file():
+        return None
+    try:
+        import torch  # only here: a status without checkpoints needs no torch
+
+        return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state"])
+    except Exception:
+        return None
+
+
+def read_eval_metrics(run_dir: Path) -> Optional[dict]:
+    """`eval_metrics.json`, or None when missing or being replaced right now."""
+    try:
+        return read_json(Path(run_dir) / EVAL_METRICS_NAME)
+    except (OSError, ValueError):
+        return None
+
+
+def training_finished(run_dir: Path, cfg: Optional[DictConfig] = None) -> bool:
+    """Whether the run's latest evaluation is of its last epoch (or its step limit): a finished training."""
+    cfg = read_config(run_dir) if cfg is None else cfg
+    metrics = read_eval_metrics(run_dir)
+    if not metrics or cfg is None:
+        return False
+    epochs = OmegaConf.select(cfg, "schedule.epochs")
+    max_steps = OmegaConf.select(cfg, "train.max_steps")
+    return ((epochs is not None and metrics.get("epoch") == epochs)
+            or (max_steps is not None and (metrics.get("global_step") or 0) >= max_steps))
+
+
+def analysis_is_current(run_dir: Path) -> bool:
+    """Whether `analysis/analysis.json` was made from the checkpoint the run folder holds now."""
+    try:
+        analysis = read_json(analysis_dir(run_dir) / ANALYSIS_NAME)
+    except (OSError, ValueError):
+        return False
+    state = read_checkpoint_state(checkpoint_path(run_dir))
+    return bool(analysis) and state is not None and analysis.get("global_step") == state.get("global_step")
+
+
+def run_folder_in_use(run_dir: Path) -> bool:
+    """Whether a live process holds the run folder's lock (`engine/run_lock.py`): training or
+    analysing there now. (A probe: it holds the lock for no longer than the test takes.)"""
+    import fcntl
+
+    try:
+        with open(Path(run_dir) / LOCK_NAME, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False

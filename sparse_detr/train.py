@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from sparse_detr import naming
 from sparse_detr.config import config_dir, reports_config_errors, validate_run
+from sparse_detr.final_analysis import analyze_finished_run, check_analysis
 from sparse_detr.run_folder import record_start
 
 
@@ -50,9 +51,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, then run (or resume) the training in its run folder; returns the final COCO metrics.
 
     The run folder is locked for the whole run (`engine.run_lock`): a second start of the same
-    run stops before it writes anything."""
+    run stops before it writes anything. With `train.analyze_at_end`, the run ends by analysing its
+    final checkpoint (`final_analysis`), still holding the folder."""
     run_dir = run_dir_of(cfg)
     checked = validate_run(cfg, run_dir)
+    check_analysis(checked, run_dir)
     from sparse_detr.engine import distributed  # heavy imports after the config is known good
     from sparse_detr.engine.run_lock import hold_run_folder
     from sparse_detr.engine.trainer import Trainer
@@ -70,6 +73,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 trainer.close(exit_code=1)
             raise
         trainer.close()
+        if ctx.is_main and checked.train.analyze_at_end:
+            analyze_finished_run(run_dir, checked.train.analyze_overrides)
     if ctx.is_main:
         print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=None))
         print(f"run folder: {run_dir.resolve()}")

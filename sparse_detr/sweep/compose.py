@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sparse_detr import naming  # noqa: F401  (registers ${sparse_detr.variant:}, which run folders use)
 from sparse_detr.config import load_config
+from sparse_detr.run_folder import analysis_is_current, training_finished
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # what conf/train.yaml selects (hydra/sweeper=distinct_runs): the basic sweeper, each distinct run launched once
@@ -65,13 +66,24 @@ def run_dir_of(sweep_config: DictConfig) -> Path:
         return (Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)).absolute()
 
 
-def run_dirs_of_jobs(config: DictConfig, loader, jobs: Sequence[Sequence[str]]) -> list[Path]:
-    """The run folder each job of a sweep writes into (jobs that name the same model share one)."""
-    return [run_dir_of(loader.load_sweep_config(config, list(overrides))) for overrides in jobs]
+def run_dirs_of_jobs(config: DictConfig, loader, jobs: Sequence[Sequence[str]],
+                    skip_finished: bool = False) -> tuple[list[Path], list[bool]]:
+    """The run folder each job of a sweep writes into (jobs that name the same model share one),
+    and, with `skip_finished`, whether that run is finished (`run_is_finished`)."""
+    configs = [loader.load_sweep_config(config, list(overrides)) for overrides in jobs]
+    run_dirs = [run_dir_of(sweep_config) for sweep_config in configs]
+    return run_dirs, [skip_finished and run_is_finished(job_config(c), d) for c, d in zip(configs, run_dirs)]
 
 
-def distinct_jobs(jobs: Sequence[Sequence[str]], run_dirs: Sequence[Path]) -> tuple[list[int], dict[int, int]]:
-    """(indices of the jobs to launch: the first for each run folder, {duplicate index: the index it repeats})."""
+def run_is_finished(task: DictConfig, run_dir: Path) -> bool:
+    """Nothing left to do: trained to the end and, when the run analyses itself, analysed from that end."""
+    return training_finished(run_dir) and (not task.train.analyze_at_end or analysis_is_current(run_dir))
+
+
+def distinct_jobs(jobs: Sequence[Sequence[str]], run_dirs: Sequence[Path],
+                  finished: Sequence[bool] = ()) -> tuple[list[int], dict[int, int]]:
+    """(indices of the jobs to launch: the first for each run folder that is not `finished`,
+    {duplicate index: the index it repeats})."""
     first: dict[Path, int] = {}
     kept, duplicates = [], {}
     for num, run_dir in enumerate(run_dirs):
@@ -79,7 +91,8 @@ def distinct_jobs(jobs: Sequence[Sequence[str]], run_dirs: Sequence[Path]) -> tu
             duplicates[num] = first[run_dir]
         else:
             first[run_dir] = num
-            kept.append(num)
+            if not (finished and finished[num]):
+                kept.append(num)
     return kept, duplicates
 
 

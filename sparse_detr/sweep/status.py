@@ -17,8 +17,9 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_detr.run_folder import (CONFIG_NAME, EPOCH_METRIC, EVAL_METRICS_NAME, STEP_METRIC, checkpoint_path,
-                                    newest_mtime, read_config, read_json, read_metrics_log)
+from sparse_detr.run_folder import (CONFIG_NAME, EPOCH_METRIC, STEP_METRIC, checkpoint_path, newest_mtime,
+                                    read_checkpoint_state, read_config, read_eval_metrics, read_metrics_log,
+                                    training_finished)
 from sparse_detr.sweep.manifest import read_manifest
 from sparse_detr.sweep.slurm import (SLURM_FAILED, SLURM_RUNNING, SLURM_WAITING, SUBMITIT_DIR, array_id, pid_alive,
                                      sacct_states, submitit_jobs, submitit_result)
@@ -46,26 +47,6 @@ def _load_yaml(path: Path) -> Optional[DictConfig]:
     try:
         return OmegaConf.load(path)
     except Exception:
-        return None
-
-
-def read_checkpoint_state(path: Path) -> Optional[dict]:
-    """`state` of a training checkpoint (epoch, global_step, ...) without reading its tensors."""
-    if not path.is_file():
-        return None
-    try:
-        import torch  # only here: `status` of a sweep without checkpoints needs no torch
-
-        return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state"])
-    except Exception:  # being replaced right now, or not a checkpoint
-        return None
-
-
-def read_eval_metrics(run_dir: Path) -> Optional[dict]:
-    """`eval_metrics.json`, or None when missing or being replaced right now."""
-    try:
-        return read_json(run_dir / EVAL_METRICS_NAME)
-    except (OSError, ValueError):
         return None
 
 
@@ -174,13 +155,10 @@ def sweep_status(sweep_dir: str | Path, use_sacct: bool = True, notes: Optional[
         job = job_of[run_dir]
         cfg = read_config(run_dir)
         epochs = OmegaConf.select(cfg, "schedule.epochs") if cfg is not None else None
-        max_steps = OmegaConf.select(cfg, "train.max_steps") if cfg is not None else None
         state = read_checkpoint_state(checkpoint_path(run_dir))
         epoch, step = (state.get("epoch"), state.get("global_step")) if state else last_metrics_position(run_dir)
         metrics = read_eval_metrics(run_dir)
-        finished = bool(metrics) and (
-            (epochs is not None and metrics.get("epoch") == epochs)
-            or (max_steps is not None and (metrics.get("global_step") or 0) >= max_steps))
+        finished = training_finished(run_dir, cfg)
         launcher = entry.get("launcher", "")
         local = launcher == "submitit_local"
         updated = newest_mtime(run_dir)

@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparse_detr.config import ConfigError, validate_run
 from sparse_detr.errors import EXIT_USER_ERROR as EXIT_INVALID
+from sparse_detr.final_analysis import check_analysis
 from sparse_detr.sweep.compose import (DISTINCT_RUNS_SWEEPER, distinct_jobs, hydra_config_of, hydra_message, job_config,
-                                       run_dir_of, sweep_overrides)
+                                       run_dir_of, run_is_finished, sweep_overrides)
 from sparse_detr.sweep.manifest import write_manifest
 from sparse_detr.tracking import looks_secret
 
@@ -62,7 +63,8 @@ class ValidateSweep(Callback):
         try:
             with hydra_config_of(config):
                 task = job_config(config)
-                validate_run(task, task.output_dir or config.hydra.run.dir)
+                run_dir = task.output_dir or config.hydra.run.dir
+                check_analysis(validate_run(task, run_dir), run_dir)
         except ConfigError as error:
             fail(f"invalid configuration: {error}")
 
@@ -77,19 +79,22 @@ class ValidateSweep(Callback):
             print("warning: not the basic sweeper: runs are validated as they start", file=sys.stderr)
             return
         self._check_launcher(config)
-        run_dirs = []
+        run_dirs, finished = [], []
+        skip_finished = bool(config.hydra.sweeper.get("skip_finished"))
         for num, overrides in enumerate(jobs):
             where = f"sweep run {_describe(num, overrides)}"
             try:
                 sweep_config = loader.load_sweep_config(config, list(overrides))
                 run_dirs.append(run_dir_of(sweep_config))
                 with hydra_config_of(sweep_config):
-                    validate_run(job_config(sweep_config), run_dirs[-1])
+                    task = job_config(sweep_config)
+                    check_analysis(validate_run(task, run_dirs[-1]), run_dirs[-1])
+                finished.append(skip_finished and run_is_finished(task, run_dirs[-1]))
             except ConfigError as error:
                 fail(f"invalid configuration: {error}\n  in {where}; nothing was launched")
             except Exception as error:  # a misspelt group option, a wrong type: Hydra's message
                 fail(f"invalid configuration in {where}; nothing was launched:\n{hydra_message(error)}")
-        kept, duplicates = distinct_jobs(jobs, run_dirs)
+        kept, duplicates = distinct_jobs(jobs, run_dirs, finished)
         if config.hydra.sweeper._target_ != DISTINCT_RUNS_SWEEPER:  # hydra/sweeper=basic launches every job
             kept, once = list(range(len(jobs))), "launched again into the same folder (hydra/sweeper=basic)"
         else:
@@ -99,6 +104,9 @@ class ValidateSweep(Callback):
         for num, same in duplicates.items():
             print(f"sweep: run {_describe(num, jobs[num])} is the same model as run {_describe(same, jobs[same])} "
                   f"({os.path.relpath(run_dirs[num], sweep_dir)}): {once}", file=sys.stderr)
+        for num in (n for n in range(len(jobs)) if finished[n] and n not in duplicates):
+            print(f"sweep: run {_describe(num, jobs[num])} is finished ({os.path.relpath(run_dirs[num], sweep_dir)}): "
+                  "not launched again", file=sys.stderr)
         # One batch (the default) is one job array: launched run i is array task i. With
         # hydra.sweeper.max_batch_size each batch is an array of its own, submitted after the last.
         one_array = config.hydra.sweeper.get("max_batch_size") in (None, -1)

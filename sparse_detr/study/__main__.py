@@ -1,0 +1,3 @@
+from sparse_detr.study.command import main
+
+main()
