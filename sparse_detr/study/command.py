@@ -18,13 +18,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-import hydra
-from omegaconf import DictConfig
-
-from sparse_detr.config import config_dir, reports_config_errors
-from sparse_detr.errors import EXIT_USER_ERROR
+from sparse_detr.config import ConfigError, load_config
+from sparse_detr.errors import EXIT_USER_ERROR, UserError, one_line
 from sparse_detr.study import config as _schema  # noqa: F401  (registers study_schema for conf/study.yaml)
 from sparse_detr.study.stages import PLAN_NAME, format_stages, read_plan, study_stages
+from sparse_detr.sweep.compose import hydra_message
 
 
 def status(argv: Sequence[str]) -> int:
@@ -49,21 +47,27 @@ def status(argv: Sequence[str]) -> int:
     return 0
 
 
-@hydra.main(config_path=str(config_dir()), config_name="study", version_base="1.3")
-@reports_config_errors
-def _main(cfg: DictConfig) -> None:
+def run(overrides: Sequence[str]) -> int:
+    """Compose conf/study.yaml with `overrides` and run the study; a user error is one line and exit 2."""
     from sparse_detr.study.runner import run_study
 
-    code = run_study(cfg, sys.argv)
-    if code:
-        sys.exit(code)
+    try:
+        try:
+            cfg = load_config(list(overrides), "study")
+        except Exception as error:  # a misspelt study or cluster, a malformed value: Hydra's words
+            raise ConfigError(hydra_message(error)) from None
+        return run_study(cfg, ["sparse-detr-study", *overrides])
+    except UserError as error:
+        print(one_line(error), file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["status"]:
-        sys.exit(status(argv[1:]))
-    _main()
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        sys.exit(0)
+    sys.exit(status(argv[1:]) if argv[:1] == ["status"] else run(argv))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ class StudyConfig:
     name: str = MISSING                   # names the default folder, outputs/studies/<name>
     recipe: List[str] = field(default_factory=list)           # training overrides of every run, e.g. [experiment=smoke]
     grid: Dict[str, List[Any]] = field(default_factory=dict)  # key -> values; a run per combination
-    cluster: str = "local"                # a conf/cluster/ profile: local runs in sequence, others submit a sweep
+    cluster: Dict[str, Any] = field(default_factory=dict)     # the conf/cluster/ profile chosen by `cluster=`
     dir: Optional[str] = None             # None: outputs/studies/<name>
     train_overrides: List[str] = field(default_factory=list)  # more training overrides of every run
     analysis: List[str] = field(default_factory=list)         # sparse-detr-analyze overrides of each run's analysis
@@ -41,7 +41,7 @@ class StudyConfig:
         if not self.grid or any(not values for values in self.grid.values()):
             raise ConfigError(f"grid={self.grid}: give each key a non-empty list, e.g. grid.seed=[0,1]")
         clusters = sorted(p.stem for p in (config_dir() / "cluster").glob("*.yaml"))
-        check_choice("cluster", self.cluster, clusters)
+        check_choice("cluster", self.cluster_profile, clusters)
         for where, keys in (("grid", list(self.grid)),
                             ("recipe", [o.split("=", 1)[0] for o in self.recipe]),
                             ("train_overrides", [o.split("=", 1)[0] for o in self.train_overrides])):
@@ -49,6 +49,11 @@ class StudyConfig:
                 if key.lstrip("+~") in STUDY_KEYS:
                     raise ConfigError(f"{where} sets {key.lstrip('+~')}, which the study sets itself; "
                                       f"the study's own keys: {', '.join(STUDY_KEYS)}")
+
+    @property
+    def cluster_profile(self) -> str:
+        """local: the runs train one after another on this machine; another profile submits a sweep."""
+        return str(self.cluster.get("name", ""))
 
     @property
     def folder(self) -> Path:
@@ -66,7 +71,7 @@ class StudyConfig:
 
     def common_overrides(self) -> list[str]:
         """What every training run gets besides its grid point."""
-        return [*self.recipe, *self.train_overrides, f"cluster={self.cluster}", "train.analyze_at_end=true",
+        return [*self.recipe, *self.train_overrides, f"cluster={self.cluster_profile}", "train.analyze_at_end=true",
                 f"train.analyze_overrides={hydra_list(self.analysis)}"]
 
 

@@ -115,7 +115,7 @@ def run_study(cfg: DictConfig, argv: list[str]) -> int:
     todo = [run for run, stage in zip(runs, stages) if stage.stage != "done"]
     print(f"study {study.name}: {len(runs) - len(todo)} runs done, {len(todo)} to run", flush=True)
     if todo:
-        if study.cluster == LOCAL_CLUSTER:
+        if study.cluster_profile == LOCAL_CLUSTER:
             launch_locally(study, todo)
         else:
             launch_sweep(study)
