@@ -38,10 +38,10 @@ def test_the_wheel_ships_conf_and_runs_without_the_source_tree(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "wheel").glob("sparse_detr-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for group in GROUPS:
+    for group in [*GROUPS, "study"]:
         for option in options(group):
             assert f"sparse_detr/conf/{group}/{option}.yaml" in names
-    assert "sparse_detr/conf/train.yaml" in names
+    assert {"sparse_detr/conf/train.yaml", "sparse_detr/conf/study.yaml"} <= names
     assert "hydra_plugins/sparse_detr_sweeper/distinct_runs_sweeper.py" in names  # the sweeper train.yaml selects
 
     installed = tmp_path / "site"
