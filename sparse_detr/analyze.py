@@ -10,6 +10,7 @@ The model is rebuilt from the config saved in the checkpoint. Writes into `outpu
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -19,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sparse_detr.checks import check_choice, check_range
-from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
+from sparse_detr.config import ConfigError, config_dir, exit_on_bad_overrides, reports_config_errors, validate
 from sparse_detr.run_folder import ANALYSIS_NAME, analysis_dir, checkpoint_file, write_json
 from sparse_detr.sites import SITES
 from sparse_detr.tracking import ALPHA
@@ -207,6 +208,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    exit_on_bad_overrides("analyze", sys.argv[1:])
     _main()
 
 

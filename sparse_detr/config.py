@@ -251,6 +251,28 @@ def reports_config_errors(entry_point: Callable) -> Callable:
     return run
 
 
+def hydra_message(error: BaseException) -> str:
+    """Hydra wraps some errors in an exception without a message of its own."""
+    while not str(error) and error.__cause__ is not None:
+        error = error.__cause__
+    # (without the search path Hydra appends to some: it names no bad value)
+    return str(error).split("\nConfig search path:")[0].strip() or type(error).__name__
+
+
+def exit_on_bad_overrides(config_name: str, args: Sequence[str]) -> None:
+    """Compose a single run's command-line overrides before Hydra does: Hydra reports a misspelt
+    group option or key over several lines with exit status 1, this as one `error:` line with exit
+    status 2, like any other bad value. (A command line with flags, `-m` included, goes to Hydra as
+    it is: `sweep.ValidateSweep` checks every run of a sweep.)"""
+    if any(arg.startswith("-") for arg in args):
+        return
+    try:
+        load_config(list(args), config_name)
+    except Exception as error:
+        print(one_line(ConfigError(hydra_message(error))), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def config_dir() -> Path:
     """`conf/` of a source checkout or editable install, else the copy installed with the package."""
     source = Path(__file__).resolve().parent.parent / "conf"

@@ -11,6 +11,7 @@ The confusion matrix goes beside the metrics file: `<metrics file stem>_confusio
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -20,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sparse_detr.checks import check_choice, check_range
-from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
+from sparse_detr.config import ConfigError, config_dir, exit_on_bad_overrides, reports_config_errors, validate
 from sparse_detr.data import SPLITS
 from sparse_detr.run_folder import checkpoint_file, eval_split_path, write_json
 
@@ -100,6 +101,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    exit_on_bad_overrides("evaluate", sys.argv[1:])
     _main()
 
 

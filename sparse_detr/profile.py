@@ -9,6 +9,7 @@ training steps per second and peak memory, on the CPU or CUDA (see `sparse_detr.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import hydra
@@ -18,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sparse_detr.checks import check_choice, check_range
-from sparse_detr.config import TrainConfig, config_dir, reports_config_errors, validate
+from sparse_detr.config import TrainConfig, config_dir, exit_on_bad_overrides, reports_config_errors, validate
 
 
 @dataclass
@@ -72,6 +73,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    exit_on_bad_overrides("profile", sys.argv[1:])
     _main()
 
 

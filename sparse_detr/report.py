@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 
 from sparse_detr.analysis.tables import cell
 from sparse_detr.checks import check_choice, check_range
-from sparse_detr.config import ConfigError, config_dir, reports_config_errors, validate
+from sparse_detr.config import ConfigError, config_dir, exit_on_bad_overrides, reports_config_errors, validate
 from sparse_detr.metrics.names import GRID_METRICS, METRIC_NAMES
 from sparse_detr.metrics.names import SPARSITY_METRICS as METRICS
 from sparse_detr.run_folder import find_run_folders, read_metrics_log
@@ -227,6 +228,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    exit_on_bad_overrides("report", sys.argv[1:])
     _main()
 
 

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sparse_detr import naming
-from sparse_detr.config import config_dir, reports_config_errors, validate_run
+from sparse_detr.config import config_dir, exit_on_bad_overrides, reports_config_errors, validate_run
 from sparse_detr.final_analysis import analyze_finished_run, check_analysis
 from sparse_detr.run_folder import record_start
 
@@ -88,6 +88,7 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    exit_on_bad_overrides("train", sys.argv[1:])
     _main()
 
 

@@ -18,11 +18,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sparse_detr.config import ConfigError, load_config
+from sparse_detr.config import ConfigError, hydra_message, load_config
 from sparse_detr.errors import EXIT_USER_ERROR, UserError, one_line
 from sparse_detr.study import config as _schema  # noqa: F401  (registers study_schema for conf/study.yaml)
 from sparse_detr.study.stages import PLAN_NAME, format_stages, read_plan, study_stages
-from sparse_detr.sweep.compose import hydra_message
 
 
 def status(argv: Sequence[str]) -> int:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_detr.config import ConfigError, load_config, validate, validate_run
+from sparse_detr.config import ConfigError, hydra_message, load_config, validate, validate_run
 from sparse_detr.errors import UserError
 from sparse_detr.final_analysis import check_analysis
 from sparse_detr.study.config import StudyConfig, hydra_value
 from sparse_detr.study.stages import REPORT_DIR, format_stages, read_plan, study_stages, write_plan
-from sparse_detr.sweep.compose import compose_with_hydra, hydra_config_of, hydra_message, job_config, run_dir_of
+from sparse_detr.sweep.compose import compose_with_hydra, hydra_config_of, job_config, run_dir_of
 from sparse_detr.sweep.validation import refuse_secrets
 
 LOCAL_CLUSTER = "local"   # conf/cluster/local.yaml: Hydra's basic launcher, this machine

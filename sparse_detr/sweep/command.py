@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sparse_detr.errors import EXIT_USER_ERROR as EXIT_INVALID
-from sparse_detr.sweep.compose import hydra_message
+from sparse_detr.config import hydra_message
 from sparse_detr.sweep.slurm import sbatch_script
 from sparse_detr.sweep.status import format_table, sweep_status
 

@@ -100,10 +100,3 @@ def compose_with_hydra(overrides: Sequence[str], config_name: str = "train") -> 
     """The config with its `hydra` node, as the launcher sees it."""
     # The job name the entry point has (`sparse-detr-train` runs the `train` module).
     return load_config([f"hydra.job.name={config_name}", *overrides], config_name, return_hydra_config=True)
-
-
-def hydra_message(error: BaseException) -> str:
-    """Hydra wraps some errors in an exception without a message of its own."""
-    while not str(error) and error.__cause__ is not None:
-        error = error.__cause__
-    return str(error) or type(error).__name__

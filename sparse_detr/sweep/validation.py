@@ -20,10 +20,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_detr.config import ConfigError, validate_run
+from sparse_detr.config import ConfigError, hydra_message, validate_run
 from sparse_detr.errors import EXIT_USER_ERROR as EXIT_INVALID
 from sparse_detr.final_analysis import check_analysis
-from sparse_detr.sweep.compose import (DISTINCT_RUNS_SWEEPER, distinct_jobs, hydra_config_of, hydra_message, job_config,
+from sparse_detr.sweep.compose import (DISTINCT_RUNS_SWEEPER, distinct_jobs, hydra_config_of, job_config,
                                        run_dir_of, run_is_finished, sweep_overrides)
 from sparse_detr.sweep.manifest import write_manifest
 from sparse_detr.tracking import looks_secret

@@ -77,3 +77,14 @@ def test_a_sweep_that_asks_for_one_model_twice_trains_it_once(tmp_path):
                          if ".hydra" not in p.parts)
     assert run_folders == [manifest[0]["run_dir"]]
     assert (sweep / manifest[0]["run_dir"] / "command.txt").read_text().count("\n") == 1, "trained once"
+
+
+@pytest.mark.parametrize("module, overrides, named", [
+    ("sparse_detr.train", ["experiment=smoke", "attention=sparsmax"], "sparsemax"),   # a misspelt option: the valid ones
+    ("sparse_detr.train", ["model.hiden_dim=3"], "model.hiden_dim"),                  # a misspelt key
+    ("sparse_detr.report", ["sweep_dir=.", "metric=AP"], "metric"),
+])
+def test_a_misspelt_option_or_key_of_a_single_run_is_one_line_and_exit_2(tmp_path, module, overrides, named):
+    line = one_error_line(run([sys.executable, "-m", module, *overrides], tmp_path))
+    assert named in line and "Config search path" not in line
+    assert not (tmp_path / "outputs").exists()
