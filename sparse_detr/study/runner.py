@@ -116,9 +116,12 @@ def run_study(cfg: DictConfig, argv: list[str]) -> int:
     print(f"study {study.name}: {len(runs) - len(todo)} runs done, {len(todo)} to run", flush=True)
     if todo:
         if study.cluster_profile == LOCAL_CLUSTER:
-            launch_locally(study, todo)
-        else:
-            launch_sweep(study)
+            failed = launch_locally(study, todo)
+            if failed:
+                print(f"study: {len(failed)} runs ended with an error (their output is above): {', '.join(failed)}",
+                      flush=True)
+        elif launch_sweep(study) != 0:
+            print("study: the sweep ended with an error (its output is above)", flush=True)
 
     stages = study_stages(study.folder, names)
     done = [run.run_dir for run, stage in zip(runs, stages) if stage.stage == "done"]

@@ -41,7 +41,9 @@ def stage_of(status: Optional[RunStatus], *, in_use: bool, trained: bool, analys
     """One word per run (see the module's docstring)."""
     if trained and analysed:
         return "done"
-    active = in_use or (status is not None and status.state in ("running", "requeued"))
+    # A process on this machine holds the run folder's lock; a SLURM job is judged by the scheduler
+    # (a local run stopped a minute ago has fresh files but no process: it is stopped, not running).
+    active = in_use or (status is not None and bool(status.scheduler) and status.state in ("running", "requeued"))
     if active:
         return "analysing" if trained else "training"
     if status is None or status.state == "pending":

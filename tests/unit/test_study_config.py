@@ -101,6 +101,7 @@ def status(state: str, scheduler: str = "") -> RunStatus:
     (status("done"), False, True, True, "done"),
     (status("done"), False, True, False, "stopped"),        # trained, analysis missing: a relaunch analyses
     (status("stopped"), False, False, False, "stopped"),
+    (status("running"), False, False, False, "stopped"),    # fresh files, no process holds the folder
     (status("failed", "FAILED"), False, False, False, "failed"),
 ])
 def test_stage_words(run_status, in_use, trained, analysed, stage):

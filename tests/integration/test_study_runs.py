@@ -3,6 +3,7 @@ the report written; run again, it redoes nothing that is done and finishes what 
 (in the default suite) and on the local SLURM cluster (`-m slurm`)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from slurm_sweeps import job_ids
 
-from sparse_detr.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, COMMAND_NAME, analysis_dir
+from sparse_detr.run_folder import ANALYSIS_NAME, CHECKPOINT_NAME, COMMAND_NAME, LOCK_NAME, analysis_dir
 
 RUNS = ["softmax-none-tiny-shapes/seed_0", "sparsemax-cross-tiny-shapes/seed_0"]
 QUICK = {"SPARSE_DETR_COMPILE": "0", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}  # (compiling takes longer than these runs)
@@ -65,6 +66,15 @@ def test_a_study_runs_every_stage_here_and_resumes_without_redoing_anything(tmp_
     assert {run: (path / CHECKPOINT_NAME).stat().st_mtime_ns for run, path in runs.items()} == checkpoints
     check_done(study_dir)
     assert "2 runs: 2 done" in study(tmp_path, "status", str(study_dir), timeout=120).stdout
+
+    # A process that holds a run folder (training or analysing there) stops a relaunch before it launches anything.
+    (analysis_dir(runs[RUNS[1]]) / ANALYSIS_NAME).unlink()
+    with open(runs[RUNS[1]] / LOCK_NAME, "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert stages(study_dir)[RUNS[1]] == "analysing"
+        busy = study(tmp_path, "study=smoke", f"dir={study_dir}")
+    assert busy.returncode == 2 and "still queued or running" in busy.stderr, busy.stderr[-3000:]
+    assert starts(runs[RUNS[1]]) == started[RUNS[1]] + 1
 
 
 @pytest.mark.slurm
