@@ -28,7 +28,7 @@ from sparse_detr.metrics.names import GRID_METRICS, METRIC_NAMES
 from sparse_detr.metrics.names import SPARSITY_METRICS as METRICS
 from sparse_detr.run_folder import find_run_folders, read_metrics_log
 from sparse_detr.sites import SITE_BY_NAME, SITES
-from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY, axis_of
+from sparse_detr.tracking import LEARNED_GROUPS, axis_of
 from sparse_detr.viz import FORMATS
 
 DEFAULT_CURVES = ["train-metrics/class_error_unscaled", "train-metrics/loss_bbox_unscaled", "val-epoch-metrics/AP"]
@@ -91,11 +91,11 @@ def report(cfg: DictConfig) -> Path:
     """Validate, collect every run folder, write the table, the CSVs and the figures; returns the folder."""
     args: ReportConfig = validate(cfg)
     # torch (attention statistics) and matplotlib figures only once the config is known good
-    from sparse_detr.analysis.sweep_table import (CODE_COLUMN, TIME_COLUMN, VARIANT_COLUMNS, aggregate, mixed_code,
-                                                  run_record, sparsity_columns)
-    from sparse_detr.analysis.report_sections import (alpha_markdown, alpha_tables, baseline_comparison,
-                                                      class_ap_columns, class_ap_markdown, class_ap_table,
-                                                      comparison_markdown, init_reference_markdown)
+    from sparse_detr.analysis.sweep_table import (CODE_COLUMN, LOG_PREFIXES, TIME_COLUMN, VARIANT_COLUMNS, aggregate,
+                                                  mixed_code, run_record, sparsity_columns)
+    from sparse_detr.analysis.report_sections import (baseline_comparison, class_ap_columns, class_ap_markdown,
+                                                      class_ap_table, comparison_markdown, init_reference_markdown,
+                                                      learned_markdown, learned_tables)
     from sparse_detr.analysis.tables import markdown_table, write_csv
 
     sources = [path for path in [args.sweep_dir, *args.runs] if path]
@@ -108,11 +108,11 @@ def report(cfg: DictConfig) -> Path:
 
     records, logs = [], []
     for folder in folders:
-        logs.append(read_metrics_log(folder, prefixes=[SPARSITY + "/", ALPHA + "/", PAIBB + "/", *args.curves]))
+        logs.append(read_metrics_log(folder, prefixes=[*LOG_PREFIXES, *args.curves]))
         records.append(run_record(folder, args.metrics, args.sparsity_metrics, args.variant_keys, logs[-1]))
     variants = aggregate(records, [*value_columns, *class_ap_columns(records)], variant_columns)
     comparison = baseline_comparison(records, variants, variant_columns, args.metrics[0])
-    alphas = alpha_tables(records, variant_columns)
+    learned = {name: learned_tables(records, variant_columns, name) for name in LEARNED_GROUPS}
     write_csv(out / "runs.csv", records, ["run", "seed", *variant_columns, "sparsity_from", *value_columns, CODE_COLUMN])
     write_csv(out / "report.csv", variants,
               [*variant_columns, "runs", "seeds", *(c for v in value_columns for c in (v, f"{v}_std")), CODE_COLUMN])
@@ -121,11 +121,14 @@ def report(cfg: DictConfig) -> Path:
                "paired_seeds", "noise", "verdict"])
     class_headers, class_rows = class_ap_table(variants, variant_columns)
     write_csv(out / "per_class_AP.csv", [dict(zip(class_headers, row)) for row in class_rows], class_headers)
-    write_csv(out / "alphas.csv", [{"variant": t["variant"], "site": site, "layer": layer, "head": head, "alpha": a}
-                                   for t in alphas for (site, layer), heads in t["grid"].items()
-                                   for head, a in enumerate(heads)], ["variant", "site", "layer", "head", "alpha"])
+    for name, tables in learned.items():   # alphas.csv, lambdas.csv: where some variant learned them
+        if tables:
+            write_csv(out / f"{name}s.csv", [{"variant": t["variant"], "site": site, "layer": layer, "head": head,
+                                             name: value} for t in tables for (site, layer), heads in t["grid"].items()
+                                            for head, value in enumerate(heads)],
+                      ["variant", "site", "layer", "head", name])
     figures = report_figures(args, variants, records, logs, variant_columns, out / "figures")
-    figures += alpha_heatmaps(args, alphas, out / "figures")
+    figures += learned_heatmaps(args, [t for tables in learned.values() for t in tables], out / "figures")
     if args.attention_image is not None:
         figures += attention_columns(args, records, variant_columns, out / "figures")
 
@@ -153,7 +156,7 @@ def report(cfg: DictConfig) -> Path:
                   "commit (`provenance.json` of each run; `+dirty`: uncommitted changes, `unknown`: no git "
                   "record), so their spread is not only the seeds':", "", *flagged, ""]
     lines += [*init_reference_markdown(records, variants, variant_columns, sparsity_columns(args.sparsity_metrics)),
-              *class_ap_markdown(variants, variant_columns), *alpha_markdown(alphas)]
+              *class_ap_markdown(variants, variant_columns), *(line for tables in learned.values() for line in learned_markdown(tables))]
     lines += [f"![{path.stem}]({path.relative_to(out)})" for path in figures if path.suffix == ".png"]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(table)
@@ -208,16 +211,17 @@ def attention_columns(args: ReportConfig, records, variant_columns, out: Path) -
                        args.formats, args.dpi)
 
 
-def alpha_heatmaps(args: ReportConfig, tables: list[dict], out: Path) -> list[Path]:
-    """`alphas_<variant>`: the learned alpha of every layer and head (mean over seeds), per variant."""
+def learned_heatmaps(args: ReportConfig, tables: list[dict], out: Path) -> list[Path]:
+    """`<name>s_<variant>` (`alphas_...`, `lambdas_...`): the learned value of every layer and head
+    (mean over seeds), per variant and learned name (`learned_tables`)."""
     from sparse_detr.viz import save_figure
     from sparse_detr.viz.alphas import alpha_grids, alpha_heatmap_figure
 
     paths = []
     for table in tables:
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", table["variant"]).strip("_")
-        paths += save_figure(alpha_heatmap_figure(alpha_grids(table["mean"])), out / f"alphas_{stem}",
-                             args.formats, args.dpi)
+        paths += save_figure(alpha_heatmap_figure(alpha_grids(table["mean"]), table["name"]),
+                             out / f"{table['name']}s_{stem}", args.formats, args.dpi)
     return paths
 
 

@@ -1,5 +1,5 @@
 """The report's answers beyond the variant table: each variant against the softmax baseline of
-the same seeds, per-class AP, and the learned alphas.
+the same seeds, per-class AP, and the learned mapping parameters (alpha, lambda).
 
 Rows come from `sweep_table.run_record` (one per run) and `sweep_table.aggregate` (one per variant).
 """
@@ -18,6 +18,13 @@ from sparse_detr.tracking import ALPHA
 
 BASELINE = {"attention": "softmax", "placement": "none"}   # every site softmax (sparse_detr.naming)
 SOFTMAX_END, SPARSEMAX_END = 1.1, 1.9                       # learned alpha counted as gone to either end
+# The bands a learned parameter's final values are counted in: (what they say, ((key, column,
+# test), ...)). Only alpha has ends that mean something (softmax near 1, sparsemax at 2).
+BANDS = {ALPHA: (f"the share that went to the softmax end (< {SOFTMAX_END}), to the sparsemax end "
+                 f"(> {SPARSEMAX_END}) or stayed between",
+                 (("softmax_end", f"< {SOFTMAX_END}", lambda v: v < SOFTMAX_END),
+                  ("between", "between", lambda v: SOFTMAX_END <= v <= SPARSEMAX_END),
+                  ("sparsemax_end", f"> {SPARSEMAX_END}", lambda v: v > SPARSEMAX_END)))}
 
 
 def _key(row: dict, columns: Sequence[str]) -> tuple:
@@ -78,35 +85,35 @@ def class_ap_columns(records: Sequence[dict]) -> list[str]:
     return sorted({k for r in records for k in r if k.startswith(CLASS_AP + "/")})
 
 
-def alpha_tables(records: Sequence[dict], variant_columns: Sequence[str]) -> list[dict]:
-    """Per variant with learned alphas: the final alpha of every (site, layer, head), mean over its
-    seeds, and the shares of all its (layer, head, seed) alphas below SOFTMAX_END, above
-    SPARSEMAX_END and between. [{"variant", "heads": int, "grid": {(site, layer): [per head]},
-    "mean": {alpha key: value} (the grid as `alpha/<site>/layer_<l>/head_<h>`), "softmax_end",
-    "between", "sparsemax_end", "count"}]"""
+def learned_tables(records: Sequence[dict], variant_columns: Sequence[str], name: str) -> list[dict]:
+    """Per variant that learned `name` (a `tracking.LEARNED_GROUPS` entry, each record's `record[name]`
+    being its final `<name>/<site>/layer_<l>/head_<h>` values): the final value of every (site,
+    layer, head), mean over its seeds; min, mean and max of all its (layer, head, seed) values; and
+    for alpha the shares in each of its BANDS. [{"name", "variant", "heads": int, "count",
+    "grid": {(site, layer): [per head]}, "mean": {key: value} (the grid as keys), "min",
+    "overall", "max", and a share per band key}]"""
     grouped: dict[tuple, list[dict]] = {}
     for record in records:
-        if record.get(ALPHA):
-            grouped.setdefault(_key(record, variant_columns), []).append(record[ALPHA])
+        if record.get(name):
+            grouped.setdefault(_key(record, variant_columns), []).append(record[name])
     out = []
     for key, runs in sorted(grouped.items(), key=lambda kv: tuple(map(str, kv[0]))):
         values: dict[tuple[str, int, int], list[float]] = {}
-        for alphas in runs:
-            for name, value in alphas.items():
-                site, layer, head = parse_site_key(name)   # alpha/<site>/layer_<l>/head_<h>
+        for learned in runs:
+            for logged, value in learned.items():
+                site, layer, head = parse_site_key(logged)   # <name>/<site>/layer_<l>/head_<h>
                 values.setdefault((site, layer, int(head.removeprefix("head_"))), []).append(float(value))
         heads = 1 + max(head for _, _, head in values)
         grid: dict[tuple[str, int], list[float]] = {}
         for (site, layer, head), seen in values.items():
             grid.setdefault((site, layer), [math.nan] * heads)[head] = statistics.fmean(seen)
         every = [v for seen in values.values() for v in seen]
-        low, high = sum(v < SOFTMAX_END for v in every), sum(v > SPARSEMAX_END for v in every)
-        out.append({"variant": " · ".join(map(str, key)), "heads": heads, "count": len(every),
-                    "mean": {f"{ALPHA}/{site}/layer_{layer}/head_{head}": statistics.fmean(seen)
+        out.append({"name": name, "variant": " · ".join(map(str, key)), "heads": heads, "count": len(every),
+                    "mean": {f"{name}/{site}/layer_{layer}/head_{head}": statistics.fmean(seen)
                              for (site, layer, head), seen in values.items()},
                     "grid": dict(sorted(grid.items(), key=lambda kv: (SITES.index(kv[0][0]), kv[0][1]))),
-                    "softmax_end": low / len(every), "sparsemax_end": high / len(every),
-                    "between": (len(every) - low - high) / len(every)})
+                    "min": min(every), "overall": statistics.fmean(every), "max": max(every),
+                    **{band: sum(map(test, every)) / len(every) for band, _, test in BANDS.get(name, ("", ()))[1]}})
     return out
 
 
@@ -139,17 +146,19 @@ def class_ap_markdown(variants: Sequence[dict], variant_columns: Sequence[str]) 
             markdown_table(headers, rows), ""]
 
 
-def alpha_markdown(tables: Sequence[dict]) -> list[str]:
-    """Per variant with learned alphas: the shares at either end, and the alpha of every head and layer."""
+def learned_markdown(tables: Sequence[dict]) -> list[str]:
+    """`## Learned <name>` of the tables of one name (`learned_tables`), a summary row per variant
+    (count, alpha's band shares, min, mean, max), then the value of every head and layer."""
     if not tables:
         return []
-    lines = ["## Learned alpha", "",
-             f"Final alpha of every head and layer (mean over seeds), and the share of all heads, layers and seeds "
-             f"that went to the softmax end (< {SOFTMAX_END}), to the sparsemax end (> {SPARSEMAX_END}), or stayed "
-             "between.", ""]
-    lines.append(markdown_table(["variant", "alphas", f"< {SOFTMAX_END}", "between", f"> {SPARSEMAX_END}"],
-                                [[t["variant"], t["count"], t["softmax_end"], t["between"], t["sparsemax_end"]]
-                                 for t in tables]))
+    name = tables[0]["name"]
+    shares, bands = BANDS.get(name, ("", ()))
+    lines = [f"## Learned {name}", "",
+             f"Final {name} of every head and layer (mean over seeds); over all heads, layers and seeds "
+             f"{shares + ', and ' if shares else ''}the smallest, mean and largest value.", "",
+             markdown_table(["variant", f"{name}s", *(column for _, column, _ in bands), "min", "mean", "max"],
+                            [[t["variant"], t["count"], *(t[band] for band, _, _ in bands), t["min"], t["overall"],
+                              t["max"]] for t in tables])]
     for table in tables:
         lines += ["", f"**{table['variant']}**", "",
                   markdown_table(["site", "layer", *(f"head {h}" for h in range(table["heads"]))],

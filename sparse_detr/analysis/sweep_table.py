@@ -19,12 +19,14 @@ from sparse_detr.run_folder import ANALYSIS_NAME, EVAL_METRICS_NAME, analysis_di
 from sparse_detr.sites import SITE_LIST
 from sparse_detr.provenance import read_provenance, run_commits
 from sparse_detr.metrics.names import CLASS_AP, GRID_METRICS
-from sparse_detr.tracking import ALPHA, PAIBB, SPARSITY
+from sparse_detr.tracking import LEARNED_GROUPS, PAIBB, SPARSITY
 
 VARIANT_COLUMNS = ("attention", "placement", "backbone", "data")
 TIME_COLUMN = "train_time_s"
 INIT = "init"          # a record's {site: {metric: value}} of the model at initialisation (or None)
 CODE_COLUMN = "code"   # the git commits (";"-joined, "+dirty" for uncommitted changes) that trained the runs
+# the metrics.jsonl groups a run record reads: sparsity, learned mapping parameters, PAIBB
+LOG_PREFIXES = [SPARSITY + "/", *(group + "/" for group in LEARNED_GROUPS), PAIBB + "/"]
 
 
 def _short(state: str) -> str:
@@ -55,6 +57,9 @@ def variant_of(config: dict, extra_keys: Sequence[str] = ()) -> dict[str, str]:
         if select(config, "attention.alpha_init") == "random":
             alpha = "random"
         attention += f" (learned, init {alpha})" if select(config, "attention.learn_alpha") else f" ({alpha})"
+    elif attention == "tvmax":   # a learned lambda and a fixed one are different variants
+        tv_lambda = select(config, "attention.tv_lambda")
+        attention += f" (learned, init {tv_lambda})" if select(config, "attention.learn_lambda") else f" ({tv_lambda})"
     return {"attention": attention, "placement": placement, "backbone": str(select(config, "backbone.name", "?")),
             "data": str(select(config, "data.name", "?")), **{key: str(select(config, key)) for key in extra_keys}}
 
@@ -70,9 +75,9 @@ def run_record(run_dir: Path, coco_metrics: Sequence[str], sparsity_metrics: Seq
                extra_keys: Sequence[str] = (), log: list[dict] | None = None) -> dict:
     """One run: its variant, seed, COCO metrics (eval_metrics.json), per-site sparsity and training time.
 
-    log: the run's metrics.jsonl rows if already read (they need the `sparsity/`, `alpha/` and `paibb/` keys)."""
+    log: the run's metrics.jsonl rows if already read (they need the LOG_PREFIXES keys)."""
     config = run_config(run_dir)
-    log = read_metrics_log(run_dir, prefixes=[SPARSITY + "/", ALPHA + "/", PAIBB + "/"]) if log is None else log
+    log = read_metrics_log(run_dir, prefixes=LOG_PREFIXES) if log is None else log
     coco = read_json(run_dir / EVAL_METRICS_NAME) or {}
     analysis = read_json(analysis_dir(run_dir) / ANALYSIS_NAME)
     summary = analysis["summary"] if analysis else site_summary(logged_sparsity(log))
@@ -82,7 +87,9 @@ def run_record(run_dir: Path, coco_metrics: Sequence[str], sparsity_metrics: Seq
               "sparsity_from": "analysis" if analysis else ("log" if summary else "")}
     record.update({name: _number(coco.get(name)) for name in coco_metrics})
     record.update({name: _number(value) for name, value in coco.items() if name.startswith(CLASS_AP + "/")})
-    record[ALPHA] = (analysis or {}).get("alphas") or last_logged(log, ALPHA + "/")  # final alpha per head
+    learned = (analysis or {}).get("learned") or (analysis or {}).get("alphas") or {}  # older analyses: alphas only
+    for group in LEARNED_GROUPS:  # final value per head of each learned mapping parameter (alpha, lambda)
+        record[group] = {k: v for k, v in learned.items() if k.startswith(group + "/")} or last_logged(log, group + "/")
     record[INIT] = ((analysis or {}).get("init") or {}).get("summary")  # sparsity of the initial model, if analysed
     for column in sparsity_columns(sparsity_metrics):
         site, metric = column.split("/")

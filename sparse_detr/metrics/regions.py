@@ -23,6 +23,12 @@ _FOUR_NEIGHBOURS = np.zeros((3, 3, 3), dtype=bool)
 _FOUR_NEIGHBOURS[1] = ndimage.generate_binary_structure(2, 1)
 
 
+def label_support(maps: Tensor) -> tuple[np.ndarray, int]:
+    """maps [N, H, W] -> (labels [N, H, W] int, total): 0 off the support, 1..total the 4-connected
+    regions of the cells with weight > 0, numbered through the whole stack (a region lies in one map)."""
+    return ndimage.label((maps.detach().cpu() > 0).numpy(), structure=_FOUR_NEIGHBOURS)
+
+
 def support_regions(maps: Tensor) -> tuple[Tensor, Tensor]:
     """maps [N, H, W] of non-negative weights -> (regions [N] int64, largest_share [N] float64).
 
@@ -31,7 +37,7 @@ def support_regions(maps: Tensor) -> tuple[Tensor, Tensor]:
     map with no mass)."""
     weights = maps.detach().to("cpu", torch.float64)
     count = weights.shape[0]
-    labels, total = ndimage.label((weights > 0).numpy(), structure=_FOUR_NEIGHBOURS)
+    labels, total = label_support(weights)
     labels = torch.from_numpy(labels).reshape(count, -1).long()
     if total == 0:
         return torch.zeros(count, dtype=torch.long), torch.full((count,), float("nan"), dtype=torch.float64)

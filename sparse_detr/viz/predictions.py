@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sparse_detr.viz import new_figure
-from sparse_detr.viz.attention_maps import PRED_COLOR, detections_figure, draw_boxes
+from sparse_detr.viz.attention_maps import PRED_COLOR, detections_figure, draw_attention, draw_boxes
 
 MAX_COLUMNS = 4
 
@@ -24,7 +24,8 @@ def prediction_figure(picture: np.ndarray, boxes: Sequence[Sequence[float]], tex
 def detection_attention_figure(picture: np.ndarray, maps: np.ndarray, boxes: Sequence[Sequence[float]],
                                texts: Sequence[str], cell: float = 3.0):
     """One panel per detection: its box and its cross-attention map ([K, h, w], stretched over the
-    image, coloured from 0 to the map's maximum; exact zeros left transparent)."""
+    image, coloured from 0 to the map's maximum; exact zeros left transparent), the regions of its
+    support outlined and counted in the panel's title."""
     count = max(len(boxes), 1)
     cols = min(count, MAX_COLUMNS)
     rows = -(-count // cols)
@@ -34,10 +35,7 @@ def detection_attention_figure(picture: np.ndarray, maps: np.ndarray, boxes: Seq
         ax.set_axis_off()
         if index >= len(boxes):
             continue
-        values = maps[index]
-        ax.imshow(picture)
-        ax.imshow(np.ma.masked_equal(values, 0.0), extent=(0, width, height, 0), cmap="inferno", alpha=0.6,
-                  vmin=0.0, vmax=max(float(values.max()), 1e-12), interpolation="nearest")
+        ax.set_title(draw_attention(ax, picture, maps[index]), fontsize=8)
         draw_boxes(ax, [(boxes[index], PRED_COLOR, texts[index])])
     if not len(boxes):
         axes[0, 0].imshow(picture)

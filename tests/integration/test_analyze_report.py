@@ -158,18 +158,24 @@ def test_analyze_rejects_bad_inputs_before_any_work(trained_run, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def fake_run(folder: Path, *, attention: str, placement: str, seed: int, ap: float, cross_zero: tuple[float, float]):
-    """A run folder as the trainer leaves it, by hand: config.yaml, eval_metrics.json, metrics.jsonl (1 h)."""
+def fake_run(folder: Path, *, attention: str, placement: str, seed: int, ap: float, cross_zero: tuple[float, float],
+             learned: dict | None = None):
+    """A run folder as the trainer leaves it, by hand: config.yaml, eval_metrics.json, metrics.jsonl (1 h).
+    learned: the final `<name>/<site>/layer_<l>/head_<h>` values of a TVMax run that learns lambda
+    (logged at steps 10 and 40, halved at 10)."""
     mapping = {"encoder": "softmax", "decoder": "softmax", "cross": attention if placement == "cross" else "softmax"}
-    config = {"seed": seed, "attention": {"name": attention, "alpha": 1.5, "learn_alpha": False},
+    config = {"seed": seed, "attention": {"name": attention, "alpha": 1.5, "learn_alpha": False, "tv_lambda": 0.1,
+                                          "learn_lambda": bool(learned)},
               "placement": {"name": placement, **mapping}, "backbone": {"name": "resnet50"}, "data": {"name": "coco"}}
     folder.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(config), folder / "config.yaml")
     (folder / "eval_metrics.json").write_text(json.dumps({"AP": ap, "AP50": ap + 0.2, "APl": None, "epoch": 2}))
-    lines = [{"global_step": 10, "train-metrics/loss_bbox_unscaled": 0.5, "time": 1000.0},
+    learned = learned or {}
+    lines = [{"global_step": 10, "train-metrics/loss_bbox_unscaled": 0.5, "time": 1000.0,
+              **{key: value / 2 for key, value in learned.items()}},
              {"global_step": 20, "sparsity/cross/layer_0/zero_ratio": 0.99, "time": 2000.0},  # an older evaluation
              {"global_step": 40, **{f"sparsity/cross/layer_{i}/zero_ratio": z for i, z in enumerate(cross_zero)},
-              "sparsity/encoder/layer_0/zero_ratio": 0.0, "time": 4000.0},
+              "sparsity/encoder/layer_0/zero_ratio": 0.0, "time": 4000.0, **learned},
              {"epoch": 2, "val-epoch-metrics/AP": ap, "time": 4600.0}]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"global_st')
 
@@ -282,6 +288,29 @@ def test_report_flags_the_variant_whose_seeds_came_from_different_commits(sweep,
     text = (out / "report.md").read_text()
     assert "Code differs within a variant" in text
     assert f"- sparsemax · cross · resnet50 · coco: {'a' * 12}, {'b' * 12}" in text and "- softmax" not in text
+
+
+def test_report_shows_the_final_learned_lambdas_of_tvmax_runs_mean_over_seeds(sweep, tmp_path):
+    def lambdas(offset):
+        return {f"lambda/cross/layer_{l}/head_{h}": 0.1 * (1 + l * 2 + h) + offset for l in range(2) for h in range(2)}
+
+    tvmax = {"attention": "tvmax", "placement": "cross", "cross_zero": (0.8, 0.9)}
+    fake_run(sweep / "tvmax_cross" / "seed1", **tvmax, seed=1, ap=0.31, learned=lambdas(0.0))
+    fake_run(sweep / "tvmax_cross" / "seed2", **tvmax, seed=2, ap=0.33, learned=lambdas(0.2))
+    out = sparse_detr.report.report(load_config([f"sweep_dir={sweep}", f"output_dir={tmp_path / 'report'}",
+                                                 "formats=[png]", "curves=[]"], config_name="report"))
+    variant = "tvmax (learned, init 0.1) · cross · resnet50 · coco"
+    rows = read_csv(out / "lambdas.csv")
+    assert {row["variant"] for row in rows} == {variant}
+    # the last logged value of each head, mean of the two seeds: 0.1 * (1 + 2 l + h) + 0.1
+    assert {(row["site"], row["layer"], row["head"]): float(row["lambda"]) for row in rows} == pytest.approx(
+        {("cross", str(l), str(h)): 0.1 * (1 + 2 * l + h) + 0.1 for l in range(2) for h in range(2)})
+    assert not (out / "alphas.csv").exists()   # no run learned alpha
+    text = (out / "report.md").read_text()
+    assert "## Learned lambda" in text and "## Learned alpha" not in text
+    assert f"| {variant} | 8 | 0.100 | 0.350 | 0.600 |" in text and "| cross | 1 | 0.400 | 0.500 |" in text
+    stem = "lambdas_tvmax_learned_init_0.1_cross_resnet50_coco"
+    assert f"![{stem}](figures/{stem}.png)" in text and (out / "figures" / f"{stem}.png").stat().st_size > 0
 
 
 def test_one_objects_attention_is_the_head_average_of_its_matched_query(analyzed_run):

@@ -1,13 +1,13 @@
 """The report's answers on hand-made runs whose results are known: each variant against the softmax
-baseline of the same seeds, per-class AP, and the learned alphas."""
+baseline of the same seeds, per-class AP, and the learned alphas and lambdas."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from sparse_detr.analysis.report_sections import (alpha_markdown, alpha_tables, baseline_comparison, class_ap_table,
-                                                  comparison_markdown)
+from sparse_detr.analysis.report_sections import (baseline_comparison, class_ap_table, comparison_markdown,
+                                                  learned_markdown, learned_tables)
 from sparse_detr.analysis.sweep_table import aggregate
 
 COLUMNS = ["attention", "placement", "backbone"]
@@ -84,13 +84,39 @@ def test_learned_alphas_are_averaged_over_seeds_and_counted_at_either_end():
     records = [run("alpha_entmax", "cross", 1, 0.4, alpha=alphas([[1.05, 1.5], [1.95, 1.2]])),
                run("alpha_entmax", "cross", 2, 0.4, alpha=alphas([[1.07, 1.3], [1.99, 1.92]])),
                run("softmax", "none", 1, 0.4, alpha={})]
-    [table] = alpha_tables(records, COLUMNS)
+    [table] = learned_tables(records, COLUMNS, "alpha")
     assert table["variant"] == "alpha_entmax · cross · resnet50" and table["count"] == 8 and table["heads"] == 2
     assert table["grid"][("cross", 0)] == pytest.approx([1.06, 1.4])
     assert table["grid"][("cross", 1)] == pytest.approx([1.97, 1.56])
     assert table["mean"] == pytest.approx({"alpha/cross/layer_0/head_0": 1.06, "alpha/cross/layer_0/head_1": 1.4,
                                            "alpha/cross/layer_1/head_0": 1.97, "alpha/cross/layer_1/head_1": 1.56})
     assert (table["softmax_end"], table["between"], table["sparsemax_end"]) == (2 / 8, 3 / 8, 3 / 8)
-    text = "\n".join(alpha_markdown([table]))
-    assert "| alpha_entmax · cross · resnet50 | 8 | 0.250 | 0.375 | 0.375 |" in text
+    assert (table["min"], table["max"]) == (1.05, 1.99) and table["overall"] == pytest.approx(11.98 / 8)
+    text = "\n".join(learned_markdown([table]))
+    assert "## Learned alpha" in text and "softmax end (< 1.1)" in text
+    assert "| alpha_entmax · cross · resnet50 | 8 | 0.250 | 0.375 | 0.375 | 1.050 | 1.49" in text
     assert "| cross | 1 | 1.970 | 1.560 |" in text
+
+
+def test_learned_lambdas_are_tabulated_per_site_layer_and_head_without_alpha_bands():
+    def lambdas(encoder, cross):
+        return {**{f"lambda/encoder/layer_0/head_{h}": v for h, v in enumerate(encoder)},
+                **{f"lambda/cross/layer_{l}/head_{h}": cross[l][h] for l in range(2) for h in range(2)}}
+
+    records = [run("tvmax", "all", 1, 0.4, **{"lambda": lambdas([0.1, 0.3], [[0.2, 0.4], [1.0, 2.0]])}),
+               run("tvmax", "all", 2, 0.4, **{"lambda": lambdas([0.3, 0.5], [[0.4, 0.6], [3.0, 4.0]])}),
+               run("alpha_entmax", "cross", 1, 0.4, alpha={"alpha/cross/layer_0/head_0": 1.5})]
+    [table] = learned_tables(records, COLUMNS, "lambda")
+    assert table["variant"] == "tvmax · all · resnet50" and table["count"] == 12 and table["heads"] == 2
+    assert list(table["grid"]) == [("encoder", 0), ("cross", 0), ("cross", 1)]   # in site order
+    assert table["grid"][("encoder", 0)] == pytest.approx([0.2, 0.4])
+    assert table["grid"][("cross", 1)] == pytest.approx([2.0, 3.0])
+    assert table["mean"]["lambda/cross/layer_0/head_1"] == pytest.approx(0.5)
+    assert (table["min"], table["max"]) == (0.1, 4.0) and table["overall"] == pytest.approx(12.8 / 12)
+    assert not {"softmax_end", "between", "sparsemax_end"} & set(table)
+    text = "\n".join(learned_markdown([table]))
+    assert "## Learned lambda" in text and "softmax" not in text
+    assert "| variant | lambdas | min | mean | max |" in text
+    assert "| tvmax · all · resnet50 | 12 | 0.100 | 1.067 | 4.000 |" in text
+    assert "| cross | 1 | 2.000 | 3.000 |" in text
+    assert learned_markdown(learned_tables(records[2:], COLUMNS, "lambda")) == []

@@ -11,7 +11,9 @@ from sparse_detr import build_model, load_config
 from sparse_detr.engine.loop import learned_mapping_values
 from sparse_detr.viz import save_figure
 from sparse_detr.viz.alphas import alpha_grids, alpha_heatmap_figure, alpha_trajectories_figure
-from sparse_detr.viz.attention_maps import cross_attention_figure, denormalize, detections_figure, query_attention_maps
+from sparse_detr.viz.attention_maps import (cross_attention_figure, denormalize, detections_figure, query_attention_maps,
+                                            variant_attention_figure)
+from sparse_detr.viz.predictions import detection_attention_figure
 from sparse_detr.viz.curves import training_curves_figure
 from sparse_detr.viz.sparsity_plots import ap_vs_sparsity_figure, sparsity_bars_figure
 
@@ -69,6 +71,38 @@ def test_zero_attention_is_transparent_and_nonzero_is_coloured():
     coloured = np.abs(overlay_row - 0.5).max(-1) > 0.1
     assert grey.sum() > 10 and coloured.sum() > 10
     assert np.flatnonzero(grey).mean() < np.flatnonzero(coloured).mean()  # grey on the left, colour on the right
+
+
+TWO_BLOBS = np.array([[0.5, 0.2, 0.0, 0.0],
+                      [0.0, 0.0, 0.0, 0.3],
+                      [0.0, 0.0, 0.0, 0.0]], dtype=np.float32)  # two cells side by side and a lone cell: 70% and 30%
+
+
+def outline_boxes(ax) -> list[tuple[float, float, float, float]]:
+    """(x0, y0, x1, y1) of each drawn region outline (a LineCollection each), in drawing order."""
+    boxes = []
+    for outline in ax.collections:
+        points = np.concatenate(outline.get_segments())
+        boxes.append((*points.min(0), *points.max(0)))
+    return boxes
+
+
+def test_each_region_of_the_support_is_outlined_and_counted_in_every_overlay():
+    picture = np.zeros((30, 40, 3))   # 3 x 4 cells of 10 x 10 pixels
+    panels = [cross_attention_figure(picture, TWO_BLOBS[None, None]).axes[1],
+              variant_attention_figure(picture, [0, 0, 5, 5], [("sparsemax", TWO_BLOBS[None])]).axes[0],
+              detection_attention_figure(picture, TWO_BLOBS[None], [[0, 0, 5, 5]], ["ring 0.9"]).axes[0]]
+    for ax in panels:
+        assert "2 regions, largest 70%" in ax.get_title()
+        # the two cells top left, the lone cell in row 1, column 3, each along its cell edges
+        assert outline_boxes(ax) == [(0, 0, 20, 10), (30, 10, 40, 20)]
+        assert [len(outline.get_segments()) for outline in ax.collections] == [6, 4]
+
+
+def test_a_dense_map_is_one_region_outlined_along_the_image_border():
+    picture = np.zeros((30, 40, 3))
+    ax = cross_attention_figure(picture, np.full((1, 1, 3, 4), 1 / 12)).axes[1]
+    assert ax.get_title().endswith("1 region, largest 100%") and outline_boxes(ax) == [(0, 0, 40, 30)]
 
 
 def test_detections_figure_draws_boxes_with_captions(tmp_path):
