@@ -83,7 +83,7 @@ def test_the_overrides_lines_of_the_readme_and_the_docstrings_parse():
     found = 0
     for config_name, text in texts.items():
         for line in text.splitlines():
-            if "overrides=[" not in line:
+            if "'overrides=[" not in line:   # (not train_overrides=, the study's)
                 continue
             quoted = re.search(r"'overrides=\[.*?\]'", line).group(0)
             (token,) = shlex.split(quoted)

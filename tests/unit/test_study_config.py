@@ -59,9 +59,9 @@ def test_where_and_thesis_grids_plan_39_and_4_runs(monkeypatch, tmp_path):
     (["+grid.output_dir=[x]"], "output_dir"),
     (["grid.seed=[]"], "grid="),
     (["grid.attention=[softmax,nosuch]"], "nosuch"),
-    (["train_overrides=[schedule.epochs=0]"], "schedule.epochs"),
-    (["analysis=[threshold=-1]"], "threshold"),
-    (["report=[dpi=1]"], "dpi"),
+    (['train_overrides=["schedule.epochs=0"]'], "schedule.epochs=0 is out of range"),
+    (['analysis=["threshold=-1"]'], "threshold=-1.0 is out of range"),
+    (['report=["dpi=1"]'], "dpi=1 is out of range"),
     (["name=a/b"], "a/b"),
 ])
 def test_bad_input_stops_the_study_with_one_line_before_anything_is_written(tmp_path, overrides, named):
@@ -71,8 +71,9 @@ def test_bad_input_stops_the_study_with_one_line_before_anything_is_written(tmp_
 
 
 def test_a_secret_on_the_command_line_stops_the_study(tmp_path):
-    result = run([*STUDY, "study=smoke", f"dir={tmp_path}/study", "train_overrides=[+logger.api_key=abc]"], cwd=tmp_path)
-    assert "abc" not in one_error_line(result) and not (tmp_path / "study").exists()
+    result = run([*STUDY, "study=smoke", f"dir={tmp_path}/study", 'train_overrides=["+logger.api_key=abc"]'], cwd=tmp_path)
+    line = one_error_line(result)
+    assert "logger.api_key looks like a secret" in line and "abc" not in line and not (tmp_path / "study").exists()
 
 
 def test_status_of_a_folder_that_is_not_a_study_is_an_error(tmp_path):
@@ -118,3 +119,14 @@ def test_finished_runs_are_not_launched_again_and_duplicates_still_point_at_thei
 def test_a_study_config_rejects_the_keys_it_sets_itself():
     with pytest.raises(ConfigError, match="train.analyze_at_end"):
         StudyConfig(name="x", grid={"seed": [0]}, cluster={"name": "local"}, train_overrides=["train.analyze_at_end=false"])
+
+
+def test_the_readme_study_commands_compose():
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    commands = [line.split("#")[0] for line in readme.splitlines() if line.startswith("sparse-detr-study study=")]
+    assert len(commands) >= 4
+    for command in commands:
+        study = study_config(*shlex.split(command)[1:])
+        assert study.grid and study.cluster_profile, command
