@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from sparse_detr import naming
 from sparse_detr.config import config_dir, reports_config_errors, validate_run
+from sparse_detr.openmp import shorten_spin_waits
 from sparse_detr.run_folder import record_start
 
 
@@ -83,6 +84,7 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    shorten_spin_waits()  # before the first import of torch
     _main()
 
 
