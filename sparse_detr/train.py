@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from sparse_detr import naming
 from sparse_detr.config import config_dir, exit_on_bad_overrides, reports_config_errors, validate_run
 from sparse_detr.final_analysis import analyze_finished_run, check_analysis
+from sparse_detr.openmp import shorten_spin_waits
 from sparse_detr.run_folder import record_start
 
 
@@ -88,6 +89,7 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    shorten_spin_waits()  # before the first import of torch
     exit_on_bad_overrides("train", sys.argv[1:])
     _main()
 

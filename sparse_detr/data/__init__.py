@@ -47,7 +47,8 @@ def build_dataset(cfg, split: str):
             images, annotations = getattr(cfg, f"{split}_images"), getattr(cfg, f"{split}_annotations")
             train_annotations = cfg.train_annotations
         label_to_category = coco.category_ids(train_annotations)
-    return coco.CocoDetection(images, annotations, label_to_category, build_transforms(cfg, train=split == "train"))
+    return coco.CocoDetection(images, annotations, label_to_category, build_transforms(cfg, train=split == "train"),
+                              preload=cfg.name == "shapes")  # generated once, never edited: decoded once
 
 
 def evaluation_dataset(cfg, split: str):

@@ -34,6 +34,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from sparse_detr.data.config import COCO_LAYOUT
+from sparse_detr.data.decoded_images import MAX_BYTES, DecodedImages, decoded_bytes
 from sparse_detr.data.transforms import UnusableImage
 from sparse_detr.errors import UserError
 
@@ -156,10 +157,12 @@ class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format split: (image [3, H, W], target) pairs, see `sparse_detr.data.build_dataset`.
 
     `label_to_category[label]` is the category id of a label; `coco` is the pycocotools COCO object
-    of the cleaned annotations, with the data set's own category ids, for COCOeval.
+    of the cleaned annotations, with the data set's own category ids, for COCOeval. With `preload`
+    (files that never change, such as the generated shapes) a split of at most `MAX_BYTES` decoded
+    is decoded once here and read from memory after.
     """
 
-    def __init__(self, images_dir, annotation_file, label_to_category: list[int], transforms):
+    def __init__(self, images_dir, annotation_file, label_to_category: list[int], transforms, preload: bool = False):
         self.images_dir = Path(images_dir).expanduser()
         if not self.images_dir.is_dir():
             raise DataError(f"image folder not found: {self.images_dir}")
@@ -178,6 +181,11 @@ class CocoDetection(torch.utils.data.Dataset):
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco.createIndex()
         self.images = data["images"]
+        sizes = [(image["height"], image["width"]) for image in self.images]
+        self.decoded = None
+        if preload and decoded_bytes(sizes) <= MAX_BYTES:
+            paths = [self.images_dir / image["file_name"] for image in self.images]
+            self.decoded = DecodedImages(paths, sizes, self._read)
         empty = sum(not self._objects(image) for image in self.images)
         log.info("%s: %d images (%d without objects), %d classes",
                  annotation_file, len(self.images), empty, self.num_classes)
@@ -205,10 +213,15 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         for attempt in range(MAX_BAD_IN_A_ROW):
-            info = self.images[(index + attempt) % len(self.images)]
+            position = (index + attempt) % len(self.images)
+            info = self.images[position]
             path = self.images_dir / info["file_name"]
             try:
-                return self.transforms(self._read(path, [info["height"], info["width"]]), self._target(info))
+                if self.decoded is not None:
+                    pixels = self.decoded[position]
+                else:
+                    pixels = self._read(path, [info["height"], info["width"]])
+                return self.transforms(pixels, self._target(info))
             except (OSError, Image.DecompressionBombError, UnusableImage) as error:
                 self.unreadable += 1
                 log.warning("skipping unreadable image %s (%s: %s); %d so far in this process",

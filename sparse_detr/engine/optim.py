@@ -37,8 +37,17 @@ def parameter_groups(model: nn.Module, optim_cfg) -> list[dict]:
     return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]
 
 
+# torch 2.4 added a fused AdamW kernel for the CPU: one pass over all parameters instead of a dozen
+# small operations per tensor, a tenth of the tiny model's step on 2 cores (same update to 1e-7).
+FUSED_ON_CPU = torch.__version__ >= "2.4"
+
+
 def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, optim_cfg), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    """AdamW over `parameter_groups`; fused where every parameter is on the CPU, torch's default elsewhere."""
+    groups = parameter_groups(model, optim_cfg)
+    on_cpu = all(p.device.type == "cpu" for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay,
+                             fused=True if on_cpu and FUSED_ON_CPU else None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, schedule_cfg) -> torch.optim.lr_scheduler.LambdaLR:

@@ -57,5 +57,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            # The CPU generator only, which the augmentation draws from: torch.manual_seed would also
+            # (re)seed every accelerator, which costs more than the sample itself before CUDA is up.
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
             return self.dataset[index]

@@ -112,6 +112,33 @@ def test_shapes_json_matches_rendered_objects_and_val_targets(tmp_path):
     assert ds.label_to_category == [1, 2, 3, 4] and ds.num_classes == num_classes(cfg) == 4
 
 
+
+def test_shapes_images_decoded_once_equal_the_files_on_disk(tmp_path):
+    ds = build_dataset(shapes_cfg(tmp_path), "train")
+    assert ds.decoded is not None and len(ds.decoded) == len(ds) == 24
+    for index in (0, 7, 23):
+        info = ds.images[index]
+        on_disk = CocoDetection._read(ds.images_dir / info["file_name"], [info["height"], info["width"]])
+        assert torch.equal(ds.decoded[index], on_disk)
+    ds.decoded[0].zero_()  # every access gets its own copy: a transform cannot change the store
+    assert ds.decoded[0].any()
+    torch.manual_seed(5)
+    augmented = ds[3]
+    ds.decoded = None  # read from disk, as any other data set
+    torch.manual_seed(5)
+    from_disk = ds[3]
+    assert torch.equal(augmented[0], from_disk[0]) and torch.equal(augmented[1]["boxes"], from_disk[1]["boxes"])
+
+
+def test_a_preloaded_image_that_does_not_decode_is_skipped_as_on_disk(tmp_path, caplog):
+    image_dir, ann_file = write_coco(tmp_path, [(1, 40, 30), (2, 40, 30)], [], [7])
+    (image_dir / "1.png").write_bytes(b"not a png")
+    ds = CocoDetection(image_dir, ann_file, [7], T.Normalize(), preload=True)
+    with caplog.at_level(logging.WARNING):
+        _, target = ds[0]
+    assert target["image_id"].item() == 2 and ds.unreadable == 1 and "1.png" in caplog.text
+    assert build_dataset(coco_format_cfg(image_dir, ann_file), "val").decoded is None  # user files: read each time
+
 def test_shapes_cannot_be_solved_without_looking(tmp_path):
     """The best image-blind guess (typical training boxes, every class) scores near zero AP50."""
     cfg = shapes_cfg(tmp_path, num_train=200, num_val=40)

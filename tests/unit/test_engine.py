@@ -6,8 +6,8 @@ from sparse_detr import build_model
 from sparse_detr.engine.loop import learned_mapping_values
 from sparse_detr.models.mappings import AttentionMapping
 from sparse_detr.engine.checkpoint import atomic_save, load_training_checkpoint, restore_rng_states, rng_states
-from sparse_detr.engine.optim import build_optimizer, build_scheduler
-from sparse_detr.engine.sampling import EpochSampler, SeededSamples
+from sparse_detr.engine.optim import FUSED_ON_CPU, build_optimizer, build_scheduler, parameter_groups
+from sparse_detr.engine.sampling import EpochSampler, SeededSamples, sample_seed
 from sparse_detr.matching.criterion import total_loss
 
 
@@ -47,6 +47,42 @@ def test_seeded_samples_repeat_their_augmentation_and_leave_the_global_stream_al
     samples.epoch = 1
     assert not torch.equal(samples[2], first)
 
+
+
+def test_seeded_samples_draw_what_a_manual_seed_of_the_sample_seed_draws():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return torch.rand(3)
+
+    samples = SeededSamples(Noisy(), seed=7)
+    samples.epoch = 2
+    torch.manual_seed(sample_seed(7, 2, 3))
+    assert torch.equal(samples[3], torch.rand(3))
+
+
+def test_the_cpu_optimizer_makes_plain_adamws_update(compose):
+    """Fused on the CPU (torch >= 2.4): the same steps as the per-tensor AdamW DETR uses, to float32 rounding."""
+    cfg = compose()
+    updated = []
+    for plain in (False, True):
+        torch.manual_seed(0)
+        model, _, _ = build_model(cfg)
+        if plain:
+            optimizer = torch.optim.AdamW(parameter_groups(model, cfg.optim), lr=cfg.optim.lr,
+                                          weight_decay=cfg.optim.weight_decay, foreach=False)
+        else:
+            optimizer = build_optimizer(model, cfg.optim)
+            assert optimizer.defaults["fused"] == (True if FUSED_ON_CPU else None)
+        for step in range(3):
+            generator = torch.Generator().manual_seed(step)
+            for parameter in model.parameters():
+                parameter.grad = torch.randn(parameter.shape, generator=generator)
+            optimizer.step()
+        updated.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(updated[0], updated[1], rtol=0, atol=1e-6)
 
 def test_alphas_get_their_own_group_without_weight_decay_and_optional_lr_drop(compose):
     cfg = compose("attention=alpha_entmax", "placement=cross", "attention.impl=eager", "optim.alpha_lr_drop=false",
