@@ -30,14 +30,17 @@ def test_sampler_shards_cover_every_sample_once_per_epoch():
     assert len(seen) == 12 and set(seen) == set(range(11))  # one repeat pads the last shard
 
 
+class Noisy(torch.utils.data.Dataset):
+    """Four samples of fresh random numbers: what a random augmentation draws."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.rand(3)
+
+
 def test_seeded_samples_repeat_their_augmentation_and_leave_the_global_stream_alone():
-    class Noisy(torch.utils.data.Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, index):
-            return torch.rand(3)
-
     samples = SeededSamples(Noisy(), seed=1)
     torch.manual_seed(0)
     first = samples[2]
@@ -48,15 +51,7 @@ def test_seeded_samples_repeat_their_augmentation_and_leave_the_global_stream_al
     assert not torch.equal(samples[2], first)
 
 
-
 def test_seeded_samples_draw_what_a_manual_seed_of_the_sample_seed_draws():
-    class Noisy(torch.utils.data.Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, index):
-            return torch.rand(3)
-
     samples = SeededSamples(Noisy(), seed=7)
     samples.epoch = 2
     torch.manual_seed(sample_seed(7, 2, 3))
