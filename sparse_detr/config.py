@@ -259,6 +259,11 @@ def hydra_message(error: BaseException) -> str:
     return str(error).split("\nConfig search path:")[0].strip() or type(error).__name__
 
 
+def hydra_first_line(error: BaseException) -> str:
+    """The first line of `hydra_message`: what goes inside a one-line error of our own."""
+    return hydra_message(error).splitlines()[0]
+
+
 def exit_on_bad_overrides(config_name: str, args: Sequence[str]) -> None:
     """Compose a single run's command-line overrides before Hydra does: Hydra reports a misspelt
     group option or key over several lines with exit status 1, this as one `error:` line with exit

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
-from sparse_detr.config import ConfigError, TrainConfig, load_config, validate
+from sparse_detr.config import ConfigError, TrainConfig, hydra_first_line, load_config, validate
 from sparse_detr.run_folder import analysis_dir, analysis_is_current
 
 SET_BY_THE_RUN = ("checkpoint", "output_dir")   # the run's own checkpoint, and <run folder>/analysis
@@ -30,8 +30,7 @@ def analysis_config(run_dir: str | Path, overrides: Sequence[str]) -> DictConfig
     try:
         cfg = load_config(list(overrides), "analyze")
     except Exception as error:  # a misspelt key or a malformed value: Hydra's words
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"train.analyze_overrides={list(overrides)}: {first_line}") from None
+        raise ConfigError(f"train.analyze_overrides={list(overrides)}: {hydra_first_line(error)}") from None
     cfg.checkpoint = str(run_dir)  # (set here, not as an override: a run folder's name may hold `=` and `,`)
     return cfg
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_detr.config import ConfigError, hydra_message, load_config, validate, validate_run
+from sparse_detr.config import ConfigError, hydra_first_line, load_config, validate, validate_run
 from sparse_detr.errors import UserError
 from sparse_detr.final_analysis import check_analysis
 from sparse_detr.study.config import StudyConfig, hydra_value
@@ -54,8 +54,7 @@ def plan_runs(study: StudyConfig) -> list[PlannedRun]:
         except ConfigError as error:
             raise ConfigError(f"{error} (in the run {where})") from None
         except Exception as error:  # a misspelt group option, a wrong type: Hydra's words
-            first_line = (hydra_message(error).splitlines() or [""])[0]
-            raise ConfigError(f"in the run {where}: {first_line}") from None
+            raise ConfigError(f"in the run {where}: {hydra_first_line(error)}") from None
         runs.setdefault(run_dir, PlannedRun(point, run_dir))  # the same model asked for twice is one run
     return list(runs.values())
 
@@ -67,7 +66,7 @@ def report_config(study: StudyConfig, run_dirs: list[Path]) -> DictConfig:
     try:
         cfg = load_config(list(study.report), "report")
     except Exception as error:
-        raise ConfigError(f"report={list(study.report)}: {(hydra_message(error).splitlines() or [''])[0]}") from None
+        raise ConfigError(f"report={list(study.report)}: {hydra_first_line(error)}") from None
     # (with no runs yet: any folder that exists, so the other values can be checked before anything runs)
     cfg.runs = [str(path) for path in run_dirs] or [str(Path.cwd())]
     cfg.output_dir = str(study.folder / REPORT_DIR)

@@ -62,6 +62,9 @@ def test_where_and_thesis_grids_plan_39_and_4_runs(monkeypatch, tmp_path):
     (['train_overrides=["schedule.epochs=0"]'], "schedule.epochs=0 is out of range"),
     (['analysis=["threshold=-1"]'], "threshold=-1.0 is out of range"),
     (['report=["dpi=1"]'], "dpi=1 is out of range"),
+    (['analysis=["treshold=0"]'], "Could not override 'treshold'"),
+    (['report=["dpii=1"]'], "Could not override 'dpii'"),
+    (['train_overrides=["attention=nosuch"]'], "attention/nosuch"),
     (["name=a/b"], "a/b"),
 ])
 def test_bad_input_stops_the_study_with_one_line_before_anything_is_written(tmp_path, overrides, named):
