@@ -97,6 +97,39 @@ def test_padded_batch_equals_each_image_alone():
     torch.testing.assert_close(p[0:1], m(x[0:1], key_grid=(5, 7)), atol=1e-9, rtol=0)
 
 
+def test_rows_done_early_leave_the_loop_with_the_answer_they_get_alone():
+    """lambdas 0.01 and 3 need a few and hundreds of dual passes: each row equals its own solve."""
+    torch.manual_seed(8)
+    z = torch.randn(6, 5, 7, dtype=torch.float64) * 2
+    lam = torch.tensor([0.01, 3.0, 0.01, 0.3, 3.0, 0.01], dtype=torch.float64).view(6, 1, 1)
+    valid = torch.ones(6, 5, 7, dtype=torch.bool)
+    together = tv_prox.tv_prox_grid(z, lam, valid)[0]
+    for row in range(6):
+        alone = tv_prox.tv_prox_grid(z[row:row + 1], lam[row:row + 1], valid[row:row + 1])[0]
+        torch.testing.assert_close(together[row:row + 1], alone, atol=1e-12, rtol=0)
+
+
+def _canonical(labels: torch.Tensor) -> torch.Tensor:
+    """Each cell's label replaced by the smallest flat index in its group: equal partitions -> equal."""
+    flat = labels.reshape(-1)
+    index = torch.arange(flat.numel())
+    first = torch.full((flat.numel(),), flat.numel()).scatter_reduce(0, flat, index, "amin")
+    return first[flat].view_as(labels)
+
+
+@pytest.mark.parametrize("share", [0.2, 0.6, 0.9])
+def test_components_on_the_cpu_equal_label_propagation(share):
+    """scipy's labelling (the CPU path) and the tensor propagation (the GPU path): the same groups,
+    none of them across rows."""
+    torch.manual_seed(9)
+    connect_h, connect_v = torch.rand(5, 6, 8) < share, torch.rand(5, 5, 9) < share
+    by_scipy = tv_prox.components(connect_h, connect_v, compiled=False)
+    by_propagation = tv_prox._components_by_propagation(connect_h, connect_v, compiled=False)
+    assert torch.equal(_canonical(by_scipy), _canonical(by_propagation))
+    rows_of_label = torch.arange(5).repeat_interleave(54)
+    assert torch.equal(rows_of_label[_canonical(by_scipy).reshape(-1)], rows_of_label)
+
+
 def test_gradcheck_scores_and_learned_lambda():
     """float64, random scores (no ties): the prox's groups and the sparsemax support stay put
     under gradcheck's perturbations, where the Jacobian is exact."""
