@@ -215,3 +215,27 @@ def test_smoke_model_trains_with_tvmax_and_its_loss_falls(compose, placement):
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     lambdas = [p for name, p in model.named_parameters() if name.endswith("log_lambda")]
     assert len(lambdas) == 2 and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lambdas)
+
+
+def test_compiled_equals_eager_without_recompiling_for_new_grid_sizes():
+    from sparse_detr.models import compiled_kernel
+
+    if not compiled_kernel.compile_enabled():
+        pytest.skip("compilation disabled (SPARSE_DETR_COMPILE=0 or unavailable)")
+    fast = attention_mapping("tvmax", tv_lambda=0.3, impl="fast")
+    eager = attention_mapping("tvmax", tv_lambda=0.3, impl="eager")
+    frames = torch._dynamo.utils.counters["stats"]
+    for i, (height, width) in enumerate([(5, 7), (4, 9), (6, 6)]):
+        x, mask = padded_scores(height, width, 2.0, seed=10 + i)
+        x = x.float().requires_grad_()
+        g = torch.randn_like(x)
+        p_fast = fast(x, key_padding_mask=mask, key_grid=(height, width))
+        (dx_fast,) = torch.autograd.grad(p_fast, x, g)
+        p_eager = eager(x, key_padding_mask=mask, key_grid=(height, width))
+        (dx_eager,) = torch.autograd.grad(p_eager, x, g)
+        torch.testing.assert_close(p_fast, p_eager, atol=1e-5, rtol=0)
+        torch.testing.assert_close(dx_fast, dx_eager, atol=1e-4, rtol=1e-4)
+        if i == 0:
+            compiled_after_first = frames["unique_graphs"]
+    assert tv_prox._fista_block in compiled_kernel._COMPILED
+    assert frames["unique_graphs"] == compiled_after_first, "a new grid size recompiled the kernel"
