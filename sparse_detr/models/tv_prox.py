@@ -19,6 +19,9 @@ Algorithm (all rows at once, elementwise tensor ops only):
   lambda x edges x max |z|), whichever is larger, and the loop goes on with the rows not done.
   Reaching MAX_ITERATIONS first logs a warning with the worst gap: the result is then an
   approximation, and says so.
+- Every POLISH_EVERY passes a second candidate: the closed form below on the groups of the edges
+  whose dual is strictly inside its box. Its gap with the same dual, 1/2 ||x - w||^2 plus the
+  edge terms (w = z - D^T u), is second order in the dual's error, so it certifies sooner.
 - Polish: neighbours closer than the certificate allows are grouped (4-connected components,
   `components`);
   on the right groups the exact solution has the closed form
