@@ -55,16 +55,29 @@ class HungarianMatcher(nn.Module):
         outputs["pred_boxes"]: [batch_size, num_queries, 4] normalised cxcywh;
         targets[b]["labels"]: [num_targets_b] int64; targets[b]["boxes"]: [num_targets_b, 4] normalised cxcywh.
         pred_idx[k] is matched to tgt_idx[k]; pred_idx is sorted. An image without targets gets two
-        empty tensors. The costs of the whole batch are computed at once (one transfer to the CPU),
-        and each image's block of columns is then assigned separately.
+        empty tensors.
         """
-        batch_size, num_queries = outputs["pred_logits"].shape[:2]
-        cost = self.cost_matrix(outputs["pred_logits"].flatten(0, 1), outputs["pred_boxes"].flatten(0, 1),
+        return self.match_layers(outputs["pred_logits"][None], outputs["pred_boxes"][None], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]]) -> list[list[tuple[Tensor, Tensor]]]:
+        """`forward` for every decoder layer at once: logits [layers, batch_size, num_queries,
+        num_classes + 1], boxes [layers, batch_size, num_queries, 4] -> one list of pairs per layer.
+        The costs of all layers and images are computed together (one transfer to the CPU); each
+        image's block of columns is then assigned separately."""
+        layers, batch_size, num_queries = logits.shape[:3]
+        cost = self.cost_matrix(logits.flatten(0, 2), boxes.flatten(0, 2),
                                 torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]))
-        cost = cost.view(batch_size, num_queries, -1).cpu()
+        cost = cost.view(layers, batch_size, num_queries, -1).cpu()
         sizes = [len(t["boxes"]) for t in targets]
-        indices = [linear_sum_assignment(block[b]) for b, block in enumerate(cost.split(sizes, -1))]
-        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+        blocks = cost.split(sizes, -1)
+        return [[_as_tensors(linear_sum_assignment(block[layer, b])) for b, block in enumerate(blocks)]
+                for layer in range(layers)]
+
+
+def _as_tensors(assignment) -> tuple[Tensor, Tensor]:
+    rows, cols = assignment
+    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 
 
 def build_matcher(loss_cfg) -> HungarianMatcher:

@@ -23,8 +23,7 @@ Algorithm (all rows at once, elementwise tensor ops only):
   whose dual is strictly inside its box. Its gap with the same dual, 1/2 ||x - w||^2 plus the
   edge terms (w = z - D^T u), is second order in the dual's error, so it certifies sooner.
 - Polish: neighbours closer than the certificate allows are grouped (4-connected components,
-  `components`);
-  on the right groups the exact solution has the closed form
+  `components`); on the right groups the exact solution has the closed form
       x_G = (sum_{i in G} z_i - lambda sum_{i in G} c_i) / |G|,
   c_i = sum of sign(x_i - x_j) over i's neighbours j outside G. A row keeps the polished x when
   its objective is no larger (so the gap bound still holds), which gives exactly equal values

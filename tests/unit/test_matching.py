@@ -236,3 +236,53 @@ def test_box_losses_divide_by_the_average_number_of_boxes_over_processes(tmp_pat
     torch.multiprocessing.spawn(_distributed_loss_bbox, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     assert torch.load(tmp_path / "0.pt").item() == pytest.approx(1 * 0.04 / 2)
     assert torch.load(tmp_path / "1.pt").item() == pytest.approx(3 * 0.04 / 2)
+
+
+def detr_losses_of_one_layer(outputs, targets, indices, num_boxes, empty_weight):
+    """DETR's SetCriterion (facebookresearch/detr models/detr.py) for one decoder layer, written
+    out plainly: the reference the layer-batched criterion must equal."""
+    import torch.nn.functional as F
+    from torchvision.ops import box_convert, generalized_box_iou
+
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for src, _ in indices])
+    classes = torch.full(logits.shape[:2], NUM_CLASSES, dtype=torch.int64)
+    classes[batch_idx, src_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+    pred = boxes[batch_idx, src_idx]
+    tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+    giou = torch.diag(generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy")))
+    predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+    actual = torch.tensor([float(len(t["labels"])) for t in targets])
+    return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, empty_weight),
+            "loss_bbox": F.l1_loss(pred, tgt, reduction="sum") / num_boxes,
+            "loss_giou": (1 - giou).sum() / num_boxes,
+            "cardinality_error": F.l1_loss(predicted, actual)}
+
+
+def test_all_layers_at_once_equal_detr_layer_by_layer_with_gradients():
+    generator = torch.Generator().manual_seed(11)
+    layers = [{"pred_logits": torch.randn(3, 7, NUM_CLASSES + 1, generator=generator, dtype=torch.float64).requires_grad_(),
+               "pred_boxes": torch.stack([random_boxes(7, generator) for _ in range(3)]).double().requires_grad_()}
+              for _ in range(4)]
+    targets = [{"labels": torch.tensor([0, 2, 2]), "boxes": random_boxes(3, generator).double()},
+               {"labels": torch.tensor([], dtype=torch.int64), "boxes": torch.zeros(0, 4, dtype=torch.float64)},
+               {"labels": torch.tensor([1]), "boxes": random_boxes(1, generator).double()}]
+    crit = criterion(eos_coef=0.2, num_aux_layers=3).double()
+    losses, final_indices = crit({**layers[-1], "aux_outputs": layers[:-1]}, targets, return_indices=True)
+    matcher = HungarianMatcher()
+    expected, num_boxes = {}, 4.0
+    for i, layer in enumerate([layers[-1], *layers[:-1]]):
+        indices = matcher(layer, targets)
+        if i == 0:
+            assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(indices, final_indices))
+        suffix = "" if i == 0 else f"_{i - 1}"
+        expected.update({key + suffix: value for key, value in
+                         detr_losses_of_one_layer(layer, targets, indices, num_boxes, crit.empty_weight).items()})
+    assert set(losses) == set(expected) | {"class_error"}
+    for key, value in expected.items():
+        torch.testing.assert_close(losses[key], value, atol=1e-12, rtol=1e-12, msg=key)
+    grads = torch.autograd.grad(total_loss(losses, crit.weight_dict), [t for layer in layers for t in layer.values()])
+    expected_grads = torch.autograd.grad(total_loss(expected, crit.weight_dict), [t for layer in layers for t in layer.values()])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
