@@ -32,14 +32,18 @@ def padding_mask():
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_softmax_matches_torch_multihead_attention(masked):
+@pytest.mark.parametrize("need_weights", [True, False])  # (False, in training: the fused kernel)
+def test_softmax_matches_torch_multihead_attention(masked, need_weights):
     ours, reference = pair()
     mask = padding_mask() if masked else None
     q, k, v = inputs()
-    out, weights = ours(q, k, v, key_padding_mask=mask, need_weights=True)
+    out, weights = ours(q, k, v, key_padding_mask=mask, need_weights=need_weights)
     ref_out, ref_weights = reference(q, k, v, key_padding_mask=mask, need_weights=True, average_attn_weights=False)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
-    torch.testing.assert_close(weights, ref_weights, atol=1e-5, rtol=0)
+    if need_weights:
+        torch.testing.assert_close(weights, ref_weights, atol=1e-5, rtol=0)
+    else:
+        assert weights is None
 
     grad = torch.randn_like(out)
     ours_grads = torch.autograd.grad(out, [q, k, v, *ours.parameters()], grad)
@@ -54,13 +58,19 @@ def test_state_dict_names_match_torch():
 
 
 def test_returning_weights_does_not_change_the_output():
+    """Bit for bit in evaluation (what analysis and evaluation compare); to rounding in training,
+    where the output without weights comes from the fused kernel."""
     ours, _ = pair()
     q, k, v = inputs()
-    without, none = ours(q, k, v, key_padding_mask=padding_mask())
-    with_weights, weights = ours(q, k, v, key_padding_mask=padding_mask(), need_weights=True)
-    assert none is None
-    assert torch.equal(without, with_weights)
-    assert weights.shape == (B, H, L, S)
+    for training in (False, True):
+        ours.train(training)
+        without, none = ours(q, k, v, key_padding_mask=padding_mask())
+        with_weights, weights = ours(q, k, v, key_padding_mask=padding_mask(), need_weights=True)
+        assert none is None and weights.shape == (B, H, L, S)
+        if training:
+            torch.testing.assert_close(without, with_weights, atol=1e-12, rtol=0)
+        else:
+            assert torch.equal(without, with_weights)
 
 
 @pytest.mark.parametrize("name", ["sparsemax", "entmax15", "alpha_entmax"])
@@ -79,13 +89,30 @@ def test_sparse_mapping_masks_padded_keys_and_sums_to_one(name):
     assert all(torch.isfinite(p.grad).all() for p in module.parameters())
 
 
-def test_fully_masked_rows_give_finite_output_and_gradients():
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_fully_masked_rows_give_finite_output_and_gradients(need_weights):
     ours, _ = pair()
     q, k, v = inputs()
     mask = torch.zeros(B, S, dtype=torch.bool)
     mask[0] = True
-    out, weights = ours(q, k, v, key_padding_mask=mask, need_weights=True)
+    out, weights = ours(q, k, v, key_padding_mask=mask, need_weights=need_weights)
     assert torch.isfinite(out).all()
-    assert torch.all(weights[0] == 0)
+    torch.testing.assert_close(out[:, 0], ours.out_proj.bias.expand(L, E))  # attends to nothing
+    if need_weights:
+        assert torch.all(weights[0] == 0)
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_training_dropout_reaches_the_fused_kernel_and_follows_the_seed():
+    torch.manual_seed(0)
+    module = MultiheadAttention(E, H, dropout=0.5).double()
+    q, k, v = inputs()
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.append(module(q, k, v, key_padding_mask=padding_mask())[0])
+    module.eval()
+    plain = module(q, k, v, key_padding_mask=padding_mask())[0]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert not torch.allclose(runs[0], plain)
