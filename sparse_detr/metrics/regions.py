@@ -19,14 +19,14 @@ from scipy import ndimage
 from torch import Tensor
 
 # 4-connectivity inside each [H, W] map, no connection between consecutive maps of the stack.
-_FOUR_NEIGHBOURS = np.zeros((3, 3, 3), dtype=bool)
-_FOUR_NEIGHBOURS[1] = ndimage.generate_binary_structure(2, 1)
+FOUR_NEIGHBOURS_PER_MAP = np.zeros((3, 3, 3), dtype=bool)
+FOUR_NEIGHBOURS_PER_MAP[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def label_support(maps: Tensor) -> tuple[np.ndarray, int]:
     """maps [N, H, W] -> (labels [N, H, W] int, total): 0 off the support, 1..total the 4-connected
     regions of the cells with weight > 0, numbered through the whole stack (a region lies in one map)."""
-    return ndimage.label((maps.detach().cpu() > 0).numpy(), structure=_FOUR_NEIGHBOURS)
+    return ndimage.label((maps.detach().cpu() > 0).numpy(), structure=FOUR_NEIGHBOURS_PER_MAP)
 
 
 def support_regions(maps: Tensor) -> tuple[Tensor, Tensor]:

@@ -38,8 +38,10 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch.autograd.function import once_differentiable
 
+from sparse_detr.metrics.regions import FOUR_NEIGHBOURS_PER_MAP
 from sparse_detr.models.compiled_kernel import run_kernel
 
 log = logging.getLogger(__name__)
@@ -179,19 +181,16 @@ def _components_by_propagation(connect_h: torch.Tensor, connect_v: torch.Tensor,
 
 
 def _components_by_scipy(connect_h: torch.Tensor, connect_v: torch.Tensor) -> torch.Tensor:
-    """`components` on the CPU with `scipy.ndimage.label`, about 15x faster than propagation there:
-    cells sit at the even positions of a (2H - 1) x (2W - 1) image per row and an edge is set
-    between two of them when it connects them."""
-    from scipy import ndimage
-
+    """`components` on the CPU with `scipy.ndimage.label` (4-connected within each row's map, as
+    `metrics.regions` labels supports), about 15x faster than propagation there: cells sit at the
+    even positions of a (2H - 1) x (2W - 1) image per row, and the position between two of them is
+    set when an edge connects them."""
     rows, height, width = connect_v.shape[0], connect_v.shape[1] + 1, connect_v.shape[2]
     image = np.zeros((rows, 2 * height - 1, 2 * width - 1), dtype=bool)
     image[:, ::2, ::2] = True
     image[:, ::2, 1::2] = connect_h.numpy()
     image[:, 1::2, ::2] = connect_v.numpy()
-    within_a_row = np.zeros((3, 3, 3), dtype=bool)
-    within_a_row[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
-    labels, _ = ndimage.label(image, structure=within_a_row)
+    labels, _ = ndimage.label(image, structure=FOUR_NEIGHBOURS_PER_MAP)
     return torch.from_numpy(labels[:, ::2, ::2].reshape(rows, height * width)).long() - 1
 
 
