@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_detr.models.mappings.base import Softmax
+from sparse_detr.models.mappings.base import Softmax, keys_to_drop
 
 
 class MultiheadAttention(nn.Module):
@@ -72,12 +72,10 @@ class MultiheadAttention(nn.Module):
         """softmax(q k^T) v in one `F.scaled_dot_product_attention` call, in training with softmax
         (8% of a small model's training step on a CPU; flash kernels on a GPU). It equals the
         explicit path to rounding; evaluation keeps the explicit path, so outputs with and without
-        the weights stay equal bit for bit. Padding is handled as the mapping does: a row whose
+        the weights stay equal bit for bit. Padding is handled as the mappings do (`keys_to_drop`): a row whose
         keys are all padded gets zeros, not NaN."""
-        dropout = self.dropout
         if key_padding_mask is None:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0)
-        padded = key_padding_mask[:, None, None, :]
-        empty = padded.all(-1, keepdim=True)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=~(padded & ~empty), dropout_p=dropout, scale=1.0)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, scale=1.0)
+        dropped, empty = keys_to_drop(key_padding_mask)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=~dropped, dropout_p=self.dropout, scale=1.0)
         return attended.masked_fill(empty, 0.0)

@@ -21,7 +21,7 @@ from sparse_detr.config import ALPHA_FLOOR
 from sparse_detr.config import MAPPING_IMPLS as IMPLS
 
 __all__ = ["ALPHA_FLOOR", "IMPLS", "MAPPINGS", "AttentionMapping", "Softmax", "attention_mapping",
-           "config_value", "register_mapping"]
+           "config_value", "keys_to_drop", "register_mapping"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -53,6 +53,15 @@ def attention_mapping(name: str, *, num_heads: int | None = None, **params) -> n
     if impl not in IMPLS:
         raise ValueError(f"unknown mapping impl {impl!r}; valid: {', '.join(IMPLS)}")
     return MAPPINGS[name].from_config(params, num_heads)
+
+
+def keys_to_drop(key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """key_padding_mask [batch, keys] -> (the keys each row leaves out [batch, 1, 1, keys], the
+    images whose keys are all padded [batch, 1, 1, 1]): such an image keeps all its keys, so the
+    mapping stays finite, and its output is zeroed afterwards."""
+    padded = key_padding_mask[:, None, None, :]
+    empty = padded.all(-1, keepdim=True)
+    return padded & ~empty, empty
 
 
 class AttentionMapping(nn.Module):
@@ -89,9 +98,8 @@ class AttentionMapping(nn.Module):
     def _masked_map(self, x, key_padding_mask, key_grid):
         if key_padding_mask is None:
             return self._call_map(x, key_grid)
-        padded = key_padding_mask[:, None, None, :]
-        empty = padded.all(-1, keepdim=True)
-        p = self._call_map(x.masked_fill(padded & ~empty, float("-inf")), key_grid)
+        dropped, empty = keys_to_drop(key_padding_mask)
+        p = self._call_map(x.masked_fill(dropped, float("-inf")), key_grid)
         return p.masked_fill(empty, 0.0)
 
     def learned_values(self) -> dict[str, torch.Tensor]:
