@@ -65,20 +65,16 @@ class SetCriterion(nn.Module):
         per_layer: dict[str, Tensor] = {}
         if "labels" in self.losses:
             per_layer["loss_ce"] = self._loss_ce(logits, matched)
+            per_layer["class_error"] = self._class_error(logits[0], matched)[None]  # (final layer only)
         if "boxes" in self.losses:
             per_layer.update(self._box_losses(boxes, matched, len(layers), num_boxes))
         if "cardinality" in self.losses:
             per_layer["cardinality_error"] = self._cardinality_error(logits, targets)
+        keys = [key for name in self.losses for key in LOSS_KEYS[name]]
         losses = {}
         for i in range(len(layers)):
             suffix = "" if i == 0 else f"_{i - 1}"
-            for name in self.losses:
-                for key in LOSS_KEYS[name]:
-                    if key == "class_error":
-                        if i == 0:  # (the final layer only, as in DETR)
-                            losses[key] = self._class_error(logits[0], matched)
-                    else:
-                        losses[key + suffix] = per_layer[key][i]
+            losses.update({key + suffix: per_layer[key][i] for key in keys if i == 0 or key != "class_error"})
         return (losses, indices[0]) if return_indices else losses
 
     def _loss_ce(self, logits: Tensor, matched: "_Matched") -> Tensor:
