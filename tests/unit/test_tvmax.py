@@ -12,6 +12,7 @@ import torch
 from sparse_detr.config import ConfigError, validate
 from sparse_detr.models import tv_prox
 from sparse_detr.models.mappings import attention_mapping
+from sparse_detr.models import tvmax_cells
 
 cp = pytest.importorskip("cvxpy")
 
@@ -120,14 +121,46 @@ def _canonical(labels: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("share", [0.2, 0.6, 0.9])
 def test_components_on_the_cpu_equal_label_propagation(share):
     """scipy's labelling (the CPU path) and the tensor propagation (the GPU path): the same groups,
-    none of them across rows."""
+    none of them across rows, in the grid layout and in the packed one."""
     torch.manual_seed(9)
-    connect_h, connect_v = torch.rand(5, 6, 8) < share, torch.rand(5, 5, 9) < share
-    by_scipy = tv_prox.components(connect_h, connect_v, compiled=False)
-    by_propagation = tv_prox._components_by_propagation(connect_h, connect_v, compiled=False)
-    assert torch.equal(_canonical(by_scipy), _canonical(by_propagation))
-    rows_of_label = torch.arange(5).repeat_interleave(54)
-    assert torch.equal(rows_of_label[_canonical(by_scipy).reshape(-1)], rows_of_label)
+    valid = torch.ones(5, 6, 9, dtype=torch.bool)
+    grid_h, grid_v = (connect & (torch.rand(5, 54) < share) for connect in tv_prox.grid_edges(valid))
+    in_play = torch.rand(5, 54) < 0.7
+    nb = tvmax_cells._packed_layout(torch.zeros(5, 54), in_play, 9).nb
+    none = nb[0].shape[1] - 1
+    packed_h, packed_v = ((slot != none) & (torch.rand(slot.shape) < share) for slot in nb[:2])
+    for connect_h, connect_v, layout in [(grid_h, grid_v, 9), (packed_h, packed_v, nb)]:
+        by_scipy = tv_prox.components(connect_h, connect_v, layout, compiled=False)
+        by_propagation = tv_prox._components_by_propagation(connect_h, connect_v, layout, compiled=False)
+        assert torch.equal(_canonical(by_scipy), _canonical(by_propagation))
+        rows, n = connect_h.shape
+        rows_of_label = torch.arange(rows).repeat_interleave(n)
+        assert torch.equal(rows_of_label[_canonical(by_scipy).reshape(-1)], rows_of_label)
+
+
+@pytest.mark.parametrize("lam", [0.01, 0.1, 0.5])
+@pytest.mark.parametrize("scale", [0.3, 1.0, 5.0])
+def test_cells_out_of_play_are_zero_and_packing_them_changes_nothing(monkeypatch, lam, scale):
+    """The screening is exact: every cell it leaves out is 0 in the whole-grid solve, and the packed
+    solve equals the whole-grid one, output and gradients (scores and a learned lambda)."""
+    monkeypatch.setattr(tvmax_cells, "PACK_SHARE", math.inf)  # pack whatever the share
+    x, mask = padded_scores(6, 8, scale, seed=int(lam * 100 + scale * 10))
+    x = x.repeat(1, 1, 4, 1).requires_grad_()
+    whole, packed = (attention_mapping("tvmax", tv_lambda=lam, learn_lambda=True, num_heads=2, impl=impl).double()
+                     for impl in ("reference", "eager"))
+    g = torch.randn_like(x)
+    p_whole = whole(x, key_padding_mask=mask, key_grid=(6, 8))
+    p_packed = packed(x, key_padding_mask=mask, key_grid=(6, 8))
+    torch.testing.assert_close(p_packed, p_whole, atol=1e-9, rtol=0)
+    for mine, theirs in zip(torch.autograd.grad(p_packed, (x, packed.log_lambda), g),
+                            torch.autograd.grad(p_whole, (x, whole.log_lambda), g)):
+        torch.testing.assert_close(mine, theirs, atol=1e-8, rtol=1e-8)
+    masked = x.detach().masked_fill(mask[:, None, None, :], float("-inf")).reshape(-1, 48)
+    in_play = tvmax_cells.cells_in_play(masked, torch.full((masked.shape[0], 1), lam, dtype=masked.dtype), compiled=False)
+    support = p_whole.detach().reshape(-1, 48) > 0
+    assert not (support & ~in_play).any()
+    if scale >= 1.0 and lam <= 0.1:  # scores spread wider than the band: most cells are left out
+        assert in_play.sum() < 0.5 * (masked > float("-inf")).sum()
 
 
 def test_gradcheck_scores_and_learned_lambda():
@@ -217,7 +250,8 @@ def test_smoke_model_trains_with_tvmax_and_its_loss_falls(compose, placement):
     assert len(lambdas) == 2 and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lambdas)
 
 
-def test_compiled_equals_eager_without_recompiling_for_new_grid_sizes():
+def test_compiled_equals_eager_without_recompiling_for_new_grid_sizes(monkeypatch):
+    """Both layouts (the packed cells in play and the whole grid): compiled once, for any size."""
     from sparse_detr.models import compiled_kernel
 
     if not compiled_kernel.compile_enabled():
@@ -225,7 +259,9 @@ def test_compiled_equals_eager_without_recompiling_for_new_grid_sizes():
     fast = attention_mapping("tvmax", tv_lambda=0.3, impl="fast")
     eager = attention_mapping("tvmax", tv_lambda=0.3, impl="eager")
     frames = torch._dynamo.utils.counters["stats"]
-    for i, (height, width) in enumerate([(5, 7), (4, 9), (6, 6)]):
+    for i, (height, width, share) in enumerate([(5, 7, math.inf), (5, 7, 0.0), (4, 9, math.inf), (4, 9, 0.0),
+                                                (6, 6, math.inf), (6, 6, 0.0)]):
+        monkeypatch.setattr(tvmax_cells, "PACK_SHARE", share)  # inf: always packed, 0: always the whole grid
         x, mask = padded_scores(height, width, 2.0, seed=10 + i)
         x = x.float().requires_grad_()
         g = torch.randn_like(x)
@@ -235,7 +271,7 @@ def test_compiled_equals_eager_without_recompiling_for_new_grid_sizes():
         (dx_eager,) = torch.autograd.grad(p_eager, x, g)
         torch.testing.assert_close(p_fast, p_eager, atol=1e-5, rtol=0)
         torch.testing.assert_close(dx_fast, dx_eager, atol=1e-4, rtol=1e-4)
-        if i == 0:
+        if i == 1:
             compiled_after_first = frames["unique_graphs"]
     assert tv_prox._fista_block in compiled_kernel._COMPILED
     assert frames["unique_graphs"] == compiled_after_first, "a new grid size recompiled the kernel"

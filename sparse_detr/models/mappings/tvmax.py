@@ -5,12 +5,13 @@ For one query's scores z over its image's own H x W feature map,
 
     TVmax(z) = argmin over p in the simplex of 1/2 ||p - z||^2 + lambda * sum_(i,j) |p_i - p_j|,
 
-the sum over 4-neighbour pairs, computed as sparsemax of the 2-D TV prox of z (`tv_prox`).
+the sum over 4-neighbour pairs, computed as sparsemax of the 2-D TV prox of z (`tv_prox`), on
+the cells that can be nonzero (`tvmax_cells`).
 Only sites whose keys are the feature map can use it (encoder self- and decoder
 cross-attention): the mapping needs the key grid (H, W) of the padded map, and padded keys
 (-inf after masking) are neither in the simplex nor coupled by the penalty. impl "fast" compiles
-the prox's dual steps and the sparsemax with torch.compile; "eager" and "reference" run both
-eagerly (there is no TVMax in the entmax package).
+the prox's dual steps and the sparsemax with torch.compile; "eager" runs the same eagerly;
+"reference" solves eagerly on the whole grid (there is no TVMax in the entmax package).
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ import torch
 from torch import nn
 
 from sparse_detr.models.mappings.base import AttentionMapping, config_value, register_mapping
-from sparse_detr.models.sparse_solver import SPARSEMAX
-from sparse_detr.models.tv_prox import TVProxFunction
+from sparse_detr.models.tvmax_cells import tvmax_on_grid, tvmax_rows
 
 
 @register_mapping
@@ -65,12 +65,10 @@ class TVMax(AttentionMapping):
         height, width = grid
         if height * width != keys:
             raise ValueError(f"TVMax: key grid {height} x {width} does not match {keys} keys")
-        valid = x > float("-inf")
-        z = torch.where(valid, x, torch.zeros_like(x)).reshape(-1, height, width)
         lam = self.tv_lambda.to(x).view(1, -1, 1, 1) if self.learn_lambda else torch.tensor(self.fixed_lambda).to(x)
-        lam = lam.expand(batch, heads, queries, 1).reshape(-1, 1, 1)
-        prox = TVProxFunction.apply(z, lam, valid.reshape(-1, height, width), self.impl == "fast").view_as(x)
-        return SPARSEMAX.rows(prox.masked_fill(~valid, float("-inf")), compiled=self.impl == "fast")
+        lam = lam.expand(batch, heads, queries, 1).reshape(-1, 1)
+        solve = tvmax_on_grid if self.impl == "reference" else tvmax_rows
+        return solve(x.reshape(-1, keys), lam, width, self.impl == "fast").view_as(x)
 
     def extra_repr(self):
         return f"learn_lambda={self.learn_lambda}, impl={self.impl}"
