@@ -268,9 +268,9 @@ def grid_edges(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def tv_prox(z: torch.Tensor, lam: torch.Tensor, edge_h: torch.Tensor, edge_v: torch.Tensor, nb,
             compiled: bool = False):
-    """z [rows, n] (finite), lam [rows, 1] >= 0, the penalised edges edge_h, edge_v [rows, n] of
-    layout `nb` -> (x [rows, n], `components` labels [rows, n], c [rows, n]); see the module
-    docstring. compiled: the dual steps through torch.compile."""
+    """z [rows, n] (finite), lam [rows, 1] or [rows, n] >= 0 (`TVProxFunction`), the penalised
+    edges edge_h, edge_v [rows, n] of layout `nb` -> (x [rows, n], `components` labels [rows, n],
+    c [rows, n]); see the module docstring. compiled: the dual steps through torch.compile."""
     lh, lv = lam.to(z.dtype) * edge_h, lam.to(z.dtype) * edge_v
     cells = (edge_h | edge_v | _left(edge_h, nb) | _above(edge_v, nb)).sum(1).clamp(min=1).to(z.dtype)
     penalty = (lh + lv).sum(1)  # lambda x number of penalised edges
@@ -303,12 +303,14 @@ def tv_prox_grid(z: torch.Tensor, lam: torch.Tensor, valid: torch.Tensor, compil
 
 
 class TVProxFunction(torch.autograd.Function):
-    """`tv_prox` with gradients for z [rows, n] and lam [rows, 1]."""
+    """`tv_prox` with gradients for z [rows, n] and lam: [rows, 1], or [rows, n] with one lambda per
+    cell, equal over each connected part of a row (several independent problems laid out in one)."""
 
     @staticmethod
     def forward(ctx, z, lam, edge_h, edge_v, nb, compiled: bool):
         x, labels, c = tv_prox(z.detach(), lam.detach(), edge_h, edge_v, nb, compiled)
         ctx.save_for_backward(labels, c)
+        ctx.lam_per_cell = lam.shape[1] != 1
         return x
 
     @staticmethod
@@ -316,5 +318,7 @@ class TVProxFunction(torch.autograd.Function):
     def backward(ctx, g):
         labels, c = ctx.saved_tensors
         dz = _group_mean(g, labels)
-        dlam = -(c * dz).sum(1, keepdim=True) if ctx.needs_input_grad[1] else None
+        dlam = None
+        if ctx.needs_input_grad[1]:
+            dlam = -(c * dz) if ctx.lam_per_cell else -(c * dz).sum(1, keepdim=True)
         return dz, dlam, None, None, None, None

@@ -6,15 +6,17 @@ lambda x its number of neighbours (<= 4). Sparsemax's threshold grows with its i
 least tau(z) - 4 lambda, and a cell with z_i <= tau(z) - 8 lambda gets 0 (`cells_in_play`).
 With those cells fixed at 0, each edge from a cell in play to a valid cell out of play adds
 lambda p_i to the objective: the same problem on the cells in play alone, their own edges, and
-scores z_i - lambda (edges out of play). Attention rows put weight on few cells, so the cells in
-play are packed into [rows, K] slots (`_packed_layout`) and the prox's passes touch K cells
-instead of H * W. The answer, and its gradient, are those of the whole grid.
+scores z_i - lambda (edges out of play). Attention rows put weight on few cells: the cells in play
+are packed per row for the sparsemax, and the prox runs only on those with a neighbour in play,
+laid out back to back (`_packed_layout`), so its passes touch a few cells per row instead of
+H * W. The answer, and its gradient, are those of the whole grid.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from sparse_detr.models.sparse_solver import SPARSEMAX
 from sparse_detr.models.tv_prox import TVProxFunction, grid_edges
@@ -45,21 +47,27 @@ def cells_in_play(x: torch.Tensor, lam: torch.Tensor, compiled: bool) -> torch.T
 
 
 class _Packing(NamedTuple):
-    """Where the cells in play sit in the packed layout. Each cell in play is an entry (its row,
-    its cell in the grid, its slot); in each row the cells with a neighbour in play come first, so
-    the prox only runs on the first `coupled_slots` slots (the others are alone: prox = score)."""
+    """Where the cells in play sit. Each cell in play is an entry: its row, its cell in the grid and
+    its slot in the row's packed scores [rows, K] (for the sparsemax). The prox only needs the cells
+    with a neighbour in play ("coupled"); rows share nothing, so those are laid out back to back in
+    bins of about `_BIN_CELLS`, a row never split: entry `at` of the flat [bins * width] layout."""
     row: torch.Tensor            # [entries]
     cell: torch.Tensor           # [entries]
     slot: torch.Tensor           # [entries]
     out_of_play: torch.Tensor    # [entries]: valid grid neighbours not in play
-    slots: int                   # K: the most cells in play in a row + 1 (slot K - 1 is padding everywhere)
-    coupled_slots: int           # the most coupled cells in a row + 1
-    nb: tuple                    # (right, down, left, up) slots [rows, coupled_slots]; none: coupled_slots - 1
+    slots: int                   # K: the most cells in play in a row
+    coupled: torch.Tensor        # [entries]
+    at: torch.Tensor             # [entries]: position in the bins (coupled entries), or bins * width
+    bins: int
+    width: int
+    nb: tuple                    # (right, down, left, up) positions [bins, width]; none: width - 1
+
+
+_BIN_CELLS = 64
 
 
 def _packed_layout(x: torch.Tensor, in_play: torch.Tensor, width: int) -> _Packing:
-    """The packed `tv_prox` layout of the cells in play [rows, n] of x (padded keys -inf).
-    A neighbour that is not in play points at slot coupled_slots - 1, which has no edge in any row.
+    """The packed layout of the cells in play [rows, n] of x (padded keys -inf).
     Entries come sorted by (row, cell): a horizontal neighbour in play is the next or previous entry."""
     rows, n = in_play.shape
     row, cell = in_play.nonzero(as_tuple=True)
@@ -83,22 +91,25 @@ def _packed_layout(x: torch.Tensor, in_play: torch.Tensor, width: int) -> _Packi
     coupled = in_play_neighbours[0] | in_play_neighbours[1] | in_play_neighbours[2] | in_play_neighbours[3]
     out_of_play = valid_neighbours - sum(flag.long() for flag in in_play_neighbours)
 
-    def rank_in_row(flag):  # position of each flagged entry among its row's flagged entries
+    def count_and_rank(flag):  # per row: how many entries are flagged, and each one's rank among them
         per_row = torch.zeros(rows, dtype=torch.int64, device=x.device).index_add_(0, row, flag.long())
-        return flag.long().cumsum(0) - 1 - (per_row.cumsum(0) - per_row).take(row), per_row
+        before = per_row.cumsum(0) - per_row
+        return per_row, before, flag.long().cumsum(0) - 1 - before.take(row)
 
-    coupled_rank, coupled_per_row = rank_in_row(coupled)
-    alone_rank, alone_per_row = rank_in_row(~coupled)
-    slot = torch.where(coupled, coupled_rank, coupled_per_row.take(row) + alone_rank)
-    slots = int((coupled_per_row + alone_per_row).max()) + 1
-    coupled_slots = int(coupled_per_row.max()) + 1
-    none = coupled_slots - 1
-    where = row * slots + slot
-    nb = tuple(torch.full((rows * slots,), none, dtype=torch.int64, device=x.device)
-               .index_put_((where,), torch.where(in_play_neighbour, slot.take(found), none))
-               .view(rows, slots)[:, :coupled_slots].clone()
+    in_row, _, slot = count_and_rank(torch.ones_like(coupled))
+    coupled_in_row, coupled_before, coupled_rank = count_and_rank(coupled)
+    most_coupled, all_coupled = int(coupled_in_row.max()), int(coupled_in_row.sum())
+    capacity = max(_BIN_CELLS, most_coupled)
+    # (at least two bins: the compiled kernel would specialise on one)
+    bins, bin_width = max(2, -(-all_coupled // capacity)), capacity + most_coupled + 1  # last position: none
+    row_start = coupled_before.div(capacity, rounding_mode="floor") * bin_width + coupled_before % capacity
+    at = torch.where(coupled, row_start.take(row) + coupled_rank, bins * bin_width)
+    none = bin_width - 1
+    nb = tuple(torch.full((bins * bin_width + 1,), none, dtype=torch.int64, device=x.device)
+               .index_put_((at,), torch.where(in_play_neighbour, at.take(found) % bin_width, none))[:-1]
+               .view(bins, bin_width)
                for found, in_play_neighbour in zip(neighbour_entry, in_play_neighbours))
-    return _Packing(row, cell, slot, out_of_play, slots, coupled_slots, nb)
+    return _Packing(row, cell, slot, out_of_play, int(in_row.max()), coupled, at, bins, bin_width, nb)
 
 
 def tvmax_rows(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool) -> torch.Tensor:
@@ -109,13 +120,16 @@ def tvmax_rows(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool) -
     if int(in_play.sum(1).max()) >= PACK_SHARE * n:
         return tvmax_on_grid(x, lam, width, compiled)
     pack = _packed_layout(x, in_play, width)
+    entry_lam = lam[:, 0].take(pack.row)
+    scores = x[pack.row, pack.cell] - entry_lam * pack.out_of_play
+    cells = pack.bins * pack.width
+    prox_input = torch.zeros(cells + 1, dtype=x.dtype, device=x.device).index_put((pack.at,), scores)[:-1]
+    cell_lam = torch.zeros(cells + 1, dtype=x.dtype, device=x.device).index_put((pack.at,), entry_lam)[:-1]
+    none = pack.width - 1
+    prox = TVProxFunction.apply(prox_input.view(pack.bins, pack.width), cell_lam.view(pack.bins, pack.width),
+                                pack.nb[0] != none, pack.nb[1] != none, pack.nb, compiled)
+    scores = torch.where(pack.coupled, F.pad(prox.reshape(-1), (0, 1)).take(pack.at), scores)
     where = (pack.row, pack.slot)
-    entry_scores = x[pack.row, pack.cell] - lam[pack.row, 0] * pack.out_of_play
-    scores = torch.zeros(rows, pack.slots, dtype=x.dtype, device=x.device).index_put(where, entry_scores)
-    filled = torch.zeros(rows, pack.slots, dtype=torch.bool, device=x.device).index_put_(where, torch.ones_like(pack.row, dtype=torch.bool))
-    none = pack.coupled_slots - 1
-    coupled = scores[:, :pack.coupled_slots].clone()  # (not a view: a view makes the kernel recompile)
-    prox = torch.cat([TVProxFunction.apply(coupled, lam, pack.nb[0] != none, pack.nb[1] != none, pack.nb, compiled),
-                      scores[:, pack.coupled_slots:]], 1)
-    p = SPARSEMAX.rows(prox.masked_fill(~filled, _NEG_INF), compiled=compiled)
+    packed = torch.full((rows, pack.slots), _NEG_INF, dtype=x.dtype, device=x.device).index_put(where, scores)
+    p = SPARSEMAX.rows(packed, compiled=compiled)
     return torch.zeros(rows, n, dtype=p.dtype, device=p.device).index_put((pack.row, pack.cell), p[where])
