@@ -66,9 +66,10 @@ class _Packing(NamedTuple):
 _BIN_CELLS = 64
 
 
-def _packed_layout(x: torch.Tensor, in_play: torch.Tensor, width: int) -> _Packing:
-    """The packed layout of the cells in play [rows, n] of x (padded keys -inf).
-    Entries come sorted by (row, cell): a horizontal neighbour in play is the next or previous entry."""
+def _packed_layout(x: torch.Tensor, in_play: torch.Tensor, in_row: torch.Tensor, width: int) -> _Packing:
+    """The packed layout of the cells in play [rows, n] of x (padded keys -inf), in_row [rows] of
+    them in each row. Entries come sorted by (row, cell): a horizontal neighbour in play is the next
+    or previous entry, and an entry's slot is its rank in its row."""
     rows, n = in_play.shape
     row, cell = in_play.nonzero(as_tuple=True)
     key = row * n + cell  # sorted
@@ -91,13 +92,10 @@ def _packed_layout(x: torch.Tensor, in_play: torch.Tensor, width: int) -> _Packi
     coupled = in_play_neighbours[0] | in_play_neighbours[1] | in_play_neighbours[2] | in_play_neighbours[3]
     out_of_play = valid_neighbours - sum(flag.long() for flag in in_play_neighbours)
 
-    def count_and_rank(flag):  # per row: how many entries are flagged, and each one's rank among them
-        per_row = torch.zeros(rows, dtype=torch.int64, device=x.device).index_add_(0, row, flag.long())
-        before = per_row.cumsum(0) - per_row
-        return per_row, before, flag.long().cumsum(0) - 1 - before.take(row)
-
-    in_row, _, slot = count_and_rank(torch.ones_like(coupled))
-    coupled_in_row, coupled_before, coupled_rank = count_and_rank(coupled)
+    slot = entries - (in_row.cumsum(0) - in_row).take(row)
+    coupled_in_row = torch.zeros(rows, dtype=torch.int64, device=x.device).index_add_(0, row, coupled.long())
+    coupled_before = coupled_in_row.cumsum(0) - coupled_in_row  # coupled entries in the rows above
+    coupled_rank = coupled.long().cumsum(0) - 1 - coupled_before.take(row)  # among its row's coupled entries
     most_coupled, all_coupled = int(coupled_in_row.max()), int(coupled_in_row.sum())
     capacity = max(_BIN_CELLS, most_coupled)
     # (at least two bins: the compiled kernel would specialise on one)
@@ -117,9 +115,10 @@ def tvmax_rows(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool) -
     when few are (see the module docstring), else on the whole grid."""
     rows, n = x.shape
     in_play = cells_in_play(x, lam, compiled)
-    if int(in_play.sum(1).max()) >= PACK_SHARE * n:
+    in_row = in_play.sum(1)
+    if int(in_row.max()) >= PACK_SHARE * n:
         return tvmax_on_grid(x, lam, width, compiled)
-    pack = _packed_layout(x, in_play, width)
+    pack = _packed_layout(x, in_play, in_row, width)
     entry_lam = lam[:, 0].take(pack.row)
     scores = x[pack.row, pack.cell] - entry_lam * pack.out_of_play
     cells = pack.bins * pack.width

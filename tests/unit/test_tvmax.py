@@ -126,7 +126,7 @@ def test_components_on_the_cpu_equal_label_propagation(share):
     valid = torch.ones(5, 6, 9, dtype=torch.bool)
     grid_h, grid_v = (connect & (torch.rand(5, 54) < share) for connect in tv_prox.grid_edges(valid))
     in_play = torch.rand(5, 54) < 0.7
-    nb = tvmax_cells._packed_layout(torch.zeros(5, 54), in_play, 9).nb
+    nb = tvmax_cells._packed_layout(torch.zeros(5, 54), in_play, in_play.sum(1), 9).nb
     none = nb[0].shape[1] - 1
     packed_h, packed_v = ((slot != none) & (torch.rand(slot.shape) < share) for slot in nb[:2])
     for connect_h, connect_v, layout in [(grid_h, grid_v, 9), (packed_h, packed_v, nb)]:
