@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from sparse_detr.models.compiled_kernel import run_kernel
 from sparse_detr.models.sparse_solver import SPARSEMAX
 from sparse_detr.models.tv_prox import TVProxFunction, grid_edges
 
@@ -36,28 +36,51 @@ def tvmax_on_grid(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool
     return SPARSEMAX.rows(prox.masked_fill(~valid, _NEG_INF), compiled=compiled)
 
 
-def cells_in_play(x: torch.Tensor, lam: torch.Tensor, compiled: bool) -> torch.Tensor:
-    """The cells of x [rows, n] (padded keys -inf) that can be nonzero in TVmax(x): a superset of
-    the support (see the module docstring), with a margin for rounding in the threshold."""
-    with torch.no_grad():
-        top = x.amax(1, keepdim=True)
-        tau = top - SPARSEMAX.solve(x, None, compiled=compiled).amax(1, keepdim=True)
-        margin = 64 * torch.finfo(x.dtype).eps * (top.abs() + tau.abs() + 8 * lam + 1)
-        return x > tau - 8 * lam - margin
+# Newton steps towards sparsemax's threshold for the screening (any number is exact: each step
+# stays below the threshold, and more steps only leave fewer cells in play).
+_SCREEN_STEPS = 4
+
+
+def _screening_threshold(x: torch.Tensor, lam: torch.Tensor):
+    """(t [rows, 1], number of cells of x above t [rows]): t = a lower bound on sparsemax's
+    threshold tau(x) - 8 lam - a margin for rounding. Newton on sum(max(x - tau, 0)) = 1 from
+    tau = max(x) - 1 (a lower bound: no p_i exceeds 1) rises towards tau(x) but never past it
+    (the cells above an iterate hold every cell of the support)."""
+    top = x.amax(1, keepdim=True)
+    tau = top - 1
+    for _ in range(_SCREEN_STEPS):
+        inside = x > tau
+        count = inside.to(x.dtype).sum(1, keepdim=True).clamp(min=1)
+        tau = (torch.where(inside, x, 0.0).sum(1, keepdim=True) - 1) / count
+    margin = 64 * torch.finfo(x.dtype).eps * (top.abs() + tau.abs() + 8 * lam + 1)
+    threshold = tau - 8 * lam - margin
+    # (counted here as int32: a bool tensor written by the compiled kernel is slow, and summing
+    # one outside it converts it to int64 first)
+    return threshold, (x > threshold).to(torch.int32).sum(1)
+
+
+def cells_in_play(x: torch.Tensor, lam: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(in_play [rows, n], their number per row [rows]): the cells of x (padded keys -inf) that can
+    be nonzero in TVmax(x), a superset of the support (see the module docstring)."""
+    threshold, in_row = run_kernel(_screening_threshold, x.detach(), lam.detach(), compiled=compiled)
+    return x.detach() > threshold, in_row
 
 
 class _Packing(NamedTuple):
     """Where the cells in play sit. Each cell in play is an entry: its row, its cell in the grid and
     its slot in the row's packed scores [rows, K] (for the sparsemax). The prox only needs the cells
-    with a neighbour in play ("coupled"); rows share nothing, so those are laid out back to back in
-    bins of about `_BIN_CELLS`, a row never split: entry `at` of the flat [bins * width] layout."""
+    with a neighbour in play. Most of those come in pairs joined by one edge and nothing else
+    (`pairs`: a closed form, `_pair_prox`); the others ("coupled") are solved by the iterative prox.
+    Rows share nothing, so those are laid out back to back in bins of about `_BIN_CELLS`, a row
+    never split: entry `coupled[k]` at `at[k]` of the flat [bins * width] layout."""
     row: torch.Tensor            # [entries]
     cell: torch.Tensor           # [entries]
     slot: torch.Tensor           # [entries]
     out_of_play: torch.Tensor    # [entries]: valid grid neighbours not in play
     slots: int                   # K: the most cells in play in a row
-    coupled: torch.Tensor        # [entries]
-    at: torch.Tensor             # [entries]: position in the bins (coupled entries), or bins * width
+    pairs: tuple                 # (first, second) [pairs]: the entries of each pair
+    coupled: torch.Tensor        # [coupled entries]: their entry numbers
+    at: torch.Tensor             # [coupled entries]: their positions in the bins
     bins: int
     width: int
     nb: tuple                    # (right, down, left, up) positions [bins, width]; none: width - 1
@@ -89,45 +112,68 @@ def _packed_layout(x: torch.Tensor, in_play: torch.Tensor, in_row: torch.Tensor,
             in_play_neighbours.append(exists & (found >= 0))
         neighbour_entry.append(found.clamp(min=0))
         valid_neighbours = valid_neighbours + (exists & (x.take(target) > _NEG_INF)).long()
-    coupled = in_play_neighbours[0] | in_play_neighbours[1] | in_play_neighbours[2] | in_play_neighbours[3]
-    out_of_play = valid_neighbours - sum(flag.long() for flag in in_play_neighbours)
+    degree = sum(flag.long() for flag in in_play_neighbours)  # neighbours in play
+    out_of_play = valid_neighbours - degree
+    partner = entries  # an entry's neighbour in play (one of them)
+    for flag, found in zip(in_play_neighbours, neighbour_entry):
+        partner = torch.where(flag, found, partner)
+    in_pair = (degree == 1) & (degree.take(partner) == 1)
+    first = (in_pair & (partner > entries)).nonzero().squeeze(1)
+    # (a coupled entry's neighbours in play are coupled too: a neighbour in a pair would make it its partner)
+    coupled = ((degree > 0) & ~in_pair).nonzero().squeeze(1)
 
     slot = entries - (in_row.cumsum(0) - in_row).take(row)
-    coupled_in_row = torch.zeros(rows, dtype=torch.int64, device=x.device).index_add_(0, row, coupled.long())
+    coupled_row = row.take(coupled)
+    coupled_in_row = torch.zeros(rows, dtype=torch.int64, device=x.device).index_add_(
+        0, coupled_row, torch.ones_like(coupled_row))
     coupled_before = coupled_in_row.cumsum(0) - coupled_in_row  # coupled entries in the rows above
-    coupled_rank = coupled.long().cumsum(0) - 1 - coupled_before.take(row)  # among its row's coupled entries
-    most_coupled, all_coupled = int(coupled_in_row.max()), int(coupled_in_row.sum())
+    most_coupled, all_coupled = int(coupled_in_row.max()), coupled.numel()
     capacity = max(_BIN_CELLS, most_coupled)
     # (at least two bins: the compiled kernel would specialise on one)
     bins, bin_width = max(2, -(-all_coupled // capacity)), capacity + most_coupled + 1  # last position: none
     row_start = coupled_before.div(capacity, rounding_mode="floor") * bin_width + coupled_before % capacity
-    at = torch.where(coupled, row_start.take(row) + coupled_rank, bins * bin_width)
+    at = row_start.take(coupled_row) + torch.arange(all_coupled, device=x.device) - coupled_before.take(coupled_row)
+    at_of_entry = torch.zeros_like(entries).index_put_((coupled,), at)
     none = bin_width - 1
-    nb = tuple(torch.full((bins * bin_width + 1,), none, dtype=torch.int64, device=x.device)
-               .index_put_((at,), torch.where(in_play_neighbour, at.take(found) % bin_width, none))[:-1]
+    nb = tuple(torch.full((bins * bin_width,), none, dtype=torch.int64, device=x.device)
+               .index_put_((at,), torch.where(in_play_neighbour.take(coupled),
+                                              at_of_entry.take(found.take(coupled)) % bin_width, none))
                .view(bins, bin_width)
                for found, in_play_neighbour in zip(neighbour_entry, in_play_neighbours))
-    return _Packing(row, cell, slot, out_of_play, int(in_row.max()), coupled, at, bins, bin_width, nb)
+    return _Packing(row, cell, slot, out_of_play, int(in_row.max()), (first, partner.take(first)),
+                    coupled, at, bins, bin_width, nb)
+
+
+def _pair_prox(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The TV prox of two cells joined by one edge, scores a and b: they meet at their mean when
+    |a - b| <= 2 lam, else each moves lam towards the other (differentiable as written)."""
+    merged = (a - b).abs() <= 2 * lam
+    mean, step = (a + b) / 2, lam * torch.sign(a - b)
+    return torch.where(merged, mean, a - step), torch.where(merged, mean, b + step)
 
 
 def tvmax_rows(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool) -> torch.Tensor:
     """TVmax of x [rows, H * W] (padded keys -inf), lam [rows, 1]: on the packed cells in play
     when few are (see the module docstring), else on the whole grid."""
     rows, n = x.shape
-    in_play = cells_in_play(x, lam, compiled)
-    in_row = in_play.sum(1)
+    in_play, in_row = cells_in_play(x, lam, compiled)
     if int(in_row.max()) >= PACK_SHARE * n:
         return tvmax_on_grid(x, lam, width, compiled)
     pack = _packed_layout(x, in_play, in_row, width)
     entry_lam = lam[:, 0].take(pack.row)
     scores = x[pack.row, pack.cell] - entry_lam * pack.out_of_play
-    cells = pack.bins * pack.width
-    prox_input = torch.zeros(cells + 1, dtype=x.dtype, device=x.device).index_put((pack.at,), scores)[:-1]
-    cell_lam = torch.zeros(cells + 1, dtype=x.dtype, device=x.device).index_put((pack.at,), entry_lam)[:-1]
-    none = pack.width - 1
-    prox = TVProxFunction.apply(prox_input.view(pack.bins, pack.width), cell_lam.view(pack.bins, pack.width),
-                                pack.nb[0] != none, pack.nb[1] != none, pack.nb, compiled)
-    scores = torch.where(pack.coupled, F.pad(prox.reshape(-1), (0, 1)).take(pack.at), scores)
+    first, second = pack.pairs
+    solved, values = [first, second], list(_pair_prox(scores[first], scores[second], entry_lam[first]))
+    if pack.coupled.numel():
+        cells = pack.bins * pack.width
+        prox_input = torch.zeros(cells, dtype=x.dtype, device=x.device).index_put((pack.at,), scores[pack.coupled])
+        cell_lam = torch.zeros(cells, dtype=x.dtype, device=x.device).index_put((pack.at,), entry_lam[pack.coupled])
+        none = pack.width - 1
+        prox = TVProxFunction.apply(prox_input.view(pack.bins, pack.width), cell_lam.view(pack.bins, pack.width),
+                                    pack.nb[0] != none, pack.nb[1] != none, pack.nb, compiled)
+        solved.append(pack.coupled)
+        values.append(prox.reshape(-1)[pack.at])
+    scores = scores.index_put((torch.cat(solved),), torch.cat(values))
     where = (pack.row, pack.slot)
     packed = torch.full((rows, pack.slots), _NEG_INF, dtype=x.dtype, device=x.device).index_put(where, scores)
     p = SPARSEMAX.rows(packed, compiled=compiled)

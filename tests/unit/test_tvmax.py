@@ -6,6 +6,7 @@ import itertools
 import math
 import logging
 
+import entmax
 import pytest
 import torch
 
@@ -156,11 +157,32 @@ def test_cells_out_of_play_are_zero_and_packing_them_changes_nothing(monkeypatch
                             torch.autograd.grad(p_whole, (x, whole.log_lambda), g)):
         torch.testing.assert_close(mine, theirs, atol=1e-8, rtol=1e-8)
     masked = x.detach().masked_fill(mask[:, None, None, :], float("-inf")).reshape(-1, 48)
-    in_play = tvmax_cells.cells_in_play(masked, torch.full((masked.shape[0], 1), lam, dtype=masked.dtype), compiled=False)
+    in_play, in_row = tvmax_cells.cells_in_play(masked, torch.full((masked.shape[0], 1), lam, dtype=masked.dtype), compiled=False)
+    assert torch.equal(in_row.long(), in_play.sum(1))
     support = p_whole.detach().reshape(-1, 48) > 0
+    exact_tau = masked.amax(1, keepdim=True) - entmax.sparsemax(masked, dim=1).amax(1, keepdim=True)
+    assert not ((masked > exact_tau - 8 * lam) & ~in_play).any()  # its threshold stays below the exact one
     assert not (support & ~in_play).any()
     if scale >= 1.0 and lam <= 0.1:  # scores spread wider than the band: most cells are left out
         assert in_play.sum() < 0.5 * (masked > float("-inf")).sum()
+
+
+def test_the_closed_form_for_a_pair_equals_the_iterative_prox():
+    """Two cells joined by one edge: merged (|a - b| <= 2 lambda) and apart, both orders, with the
+    gradients the prox's groups give (averaged when merged; lambda moves each apart cell)."""
+    torch.manual_seed(3)
+    z = (torch.randn(64, 1, 2, dtype=torch.float64) * 2).requires_grad_()
+    lam = torch.full((64, 1, 1), 0.4, dtype=torch.float64, requires_grad=True)
+    a, b = tvmax_cells._pair_prox(z[:, 0, 0], z[:, 0, 1], lam[:, 0, 0])
+    mine = torch.stack((a, b), 1)
+    merged = (z[:, 0, 0] - z[:, 0, 1]).abs() <= 0.8
+    assert 0 < int(merged.sum()) < 64
+    theirs = tv_prox.TVProxFunction.apply(z.view(64, 2), lam.view(64, 1), *tv_prox.grid_edges(torch.ones(64, 1, 2, dtype=torch.bool)),
+                                          2, False)
+    torch.testing.assert_close(mine, theirs, atol=1e-12, rtol=0)
+    g = torch.randn(64, 2, dtype=torch.float64)
+    for mine_grad, their_grad in zip(torch.autograd.grad(mine, (z, lam), g), torch.autograd.grad(theirs, (z, lam), g)):
+        torch.testing.assert_close(mine_grad, their_grad, atol=1e-12, rtol=0)
 
 
 def test_gradcheck_scores_and_learned_lambda():
