@@ -38,8 +38,7 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage, sparse
-from scipy.sparse import csgraph
+from scipy import ndimage
 from torch.autograd.function import once_differentiable
 
 from sparse_detr.metrics.regions import FOUR_NEIGHBOURS_PER_MAP
@@ -216,28 +215,16 @@ def _components_of_grid_by_scipy(connect_h: torch.Tensor, connect_v: torch.Tenso
     return torch.from_numpy(labels[:, ::2, ::2].reshape(rows, n)).long() - 1
 
 
-def _components_of_packed_by_scipy(connect_h: torch.Tensor, connect_v: torch.Tensor, nb) -> torch.Tensor:
-    """`components` of the packed layout on the CPU: `scipy.sparse.csgraph.connected_components`
-    of all rows' cells as one graph (rows share no edge)."""
-    rows, n = connect_h.shape
-    cell = torch.arange(rows * n).view(rows, n)
-    ends = [(cell[connect], (neighbour + cell[:, :1])[connect]) for connect, neighbour in ((connect_h, nb[0]), (connect_v, nb[1]))]
-    tails, heads = (torch.cat(part).numpy() for part in zip(*ends))
-    graph = sparse.coo_matrix((np.ones(len(tails), dtype=bool), (tails, heads)), shape=(rows * n, rows * n))
-    _, labels = csgraph.connected_components(graph, directed=False)
-    return torch.from_numpy(labels).long().view(rows, n)
-
-
 def components(connect_h: torch.Tensor, connect_v: torch.Tensor, nb, compiled: bool) -> torch.Tensor:
     """Labels [rows, n] of the connected components of each row's graph whose edges are the True
     entries of connect_h and connect_v [rows, n] (the edge to each cell's right and lower
     neighbour, in layout `nb`): cells share a label exactly when they are connected, and labels are
     distinct across rows, in [0, rows * n)."""
-    if connect_h.device.type != "cpu":
-        return _components_by_propagation(connect_h, connect_v, nb, compiled)
-    if isinstance(nb, tuple):
-        return _components_of_packed_by_scipy(connect_h, connect_v, nb)
-    return _components_of_grid_by_scipy(connect_h, connect_v, nb)
+    if connect_h.device.type == "cpu" and not isinstance(nb, tuple):
+        return _components_of_grid_by_scipy(connect_h, connect_v, nb)
+    # (the packed layout's groups are a few cells each: propagation settles in a round or two,
+    # cheaper than building a scipy graph)
+    return _components_by_propagation(connect_h, connect_v, nb, compiled)
 
 
 def _group_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ def tvmax_on_grid(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool
 
 # Newton steps towards sparsemax's threshold for the screening (any number is exact: each step
 # stays below the threshold, and more steps only leave fewer cells in play).
-_SCREEN_STEPS = 4
+_SCREEN_STEPS = 3
 
 
 def _screening_threshold(x: torch.Tensor, lam: torch.Tensor):
@@ -67,14 +67,14 @@ def cells_in_play(x: torch.Tensor, lam: torch.Tensor, compiled: bool) -> tuple[t
 
 
 class _Packing(NamedTuple):
-    """Where the cells in play sit. Each cell in play is an entry: its row, its cell in the grid and
-    its slot in the row's packed scores [rows, K] (for the sparsemax). The prox only needs the cells
+    """Where the cells in play sit. Each cell in play is an entry: its row, its place in the flat
+    scores [rows * n] and its slot in the row's packed scores [rows, K] (for the sparsemax). The prox only needs the cells
     with a neighbour in play. Most of those come in pairs joined by one edge and nothing else
     (`pairs`: a closed form, `_pair_prox`); the others ("coupled") are solved by the iterative prox.
     Rows share nothing, so those are laid out back to back in bins of about `_BIN_CELLS`, a row
     never split: entry `coupled[k]` at `at[k]` of the flat [bins * width] layout."""
     row: torch.Tensor            # [entries]
-    cell: torch.Tensor           # [entries]
+    key: torch.Tensor            # [entries]: row * n + cell
     slot: torch.Tensor           # [entries]
     out_of_play: torch.Tensor    # [entries]: valid grid neighbours not in play
     slots: int                   # K: the most cells in play in a row
@@ -89,7 +89,39 @@ class _Packing(NamedTuple):
 _BIN_CELLS = 64
 
 
-def _packed_layout(x: torch.Tensor, in_play: torch.Tensor, in_row: torch.Tensor, width: int) -> _Packing:
+_ALONE, _PAIR_FIRST, _PAIR_SECOND, _COUPLED = range(4)
+
+
+def _entry_neighbours(key: torch.Tensor, entry_of_cell: torch.Tensor, x: torch.Tensor, n: int, width: int):
+    """For the entries at flat places key [entries] (sorted) of x [rows * n]: (their (right, down,
+    left, up) neighbours' entries [4, entries], -1 where not in play; their valid neighbours out of
+    play [entries]; their kind [entries]: alone, first or second of a pair (two entries that are each
+    other's only neighbour in play), or coupled to more). entry_of_cell [rows * n]: -1 out of play."""
+    last = key.shape[0] - 1
+    entries = torch.arange(key.shape[0], device=key.device)
+    cell = key % n
+    column = cell % width
+    moves = ((1, column < width - 1), (width, cell < n - width), (-1, column > 0), (-width, cell >= width))
+    neighbours, valid = [], 0
+    for offset, exists in moves:
+        target = torch.where(exists, key + offset, key)  # the cell itself where the grid has no neighbour
+        if abs(offset) == 1:  # a horizontal neighbour in play is the next or previous entry
+            found = (entries + offset).clamp(0, last)
+            neighbours.append(torch.where(exists & (key[found] == target), found, -1))
+        else:
+            neighbours.append(torch.where(exists, entry_of_cell[target].long(), -1))
+        valid = valid + (exists & (x[target] > _NEG_INF)).long()
+    neighbour = torch.stack(neighbours)
+    degree = (neighbour >= 0).long().sum(0)
+    partner = neighbour.amax(0)
+    in_pair = (degree == 1) & (degree[partner.clamp(min=0)] == 1)
+    kind = torch.where(in_pair, torch.where(partner > entries, _PAIR_FIRST, _PAIR_SECOND),
+                       torch.where(degree > 0, _COUPLED, _ALONE))
+    return neighbour, valid - degree, kind
+
+
+def _packed_layout(x: torch.Tensor, in_play: torch.Tensor, in_row: torch.Tensor, width: int,
+                   compiled: bool = False) -> _Packing:
     """The packed layout of the cells in play [rows, n] of x (padded keys -inf), in_row [rows] of
     them in each row. Entries come sorted by (row, cell): a horizontal neighbour in play is the next
     or previous entry, and an entry's slot is its rank in its row."""
@@ -99,28 +131,10 @@ def _packed_layout(x: torch.Tensor, in_play: torch.Tensor, in_row: torch.Tensor,
     entries = torch.arange(key.numel(), device=x.device)
     entry_of_cell = torch.full((rows * n,), -1, dtype=torch.int32, device=x.device)
     entry_of_cell[key] = entries.to(torch.int32)
-    column = cell % width
-    moves = ((1, column < width - 1), (width, cell < n - width), (-1, column > 0), (-width, cell >= width))
-    neighbour_entry, in_play_neighbours, valid_neighbours = [], [], 0
-    for offset, exists in moves:
-        target = torch.where(exists, key + offset, key)  # the cell itself where the grid has no neighbour
-        if abs(offset) == 1:  # a horizontal neighbour in play is the next or previous entry
-            found = (entries + offset).clamp(0, key.numel() - 1)
-            in_play_neighbours.append(exists & (key.take(found) == target))
-        else:
-            found = entry_of_cell.take(target).long()
-            in_play_neighbours.append(exists & (found >= 0))
-        neighbour_entry.append(found.clamp(min=0))
-        valid_neighbours = valid_neighbours + (exists & (x.take(target) > _NEG_INF)).long()
-    degree = sum(flag.long() for flag in in_play_neighbours)  # neighbours in play
-    out_of_play = valid_neighbours - degree
-    partner = entries  # an entry's neighbour in play (one of them)
-    for flag, found in zip(in_play_neighbours, neighbour_entry):
-        partner = torch.where(flag, found, partner)
-    in_pair = (degree == 1) & (degree.take(partner) == 1)
-    first = (in_pair & (partner > entries)).nonzero().squeeze(1)
-    # (a coupled entry's neighbours in play are coupled too: a neighbour in a pair would make it its partner)
-    coupled = ((degree > 0) & ~in_pair).nonzero().squeeze(1)
+    neighbour, out_of_play, kind = run_kernel(_entry_neighbours, key, entry_of_cell, x.detach().reshape(-1), n, width,
+                                              compiled=compiled)
+    first = (kind == _PAIR_FIRST).nonzero().squeeze(1)
+    coupled = (kind == _COUPLED).nonzero().squeeze(1)
 
     slot = entries - (in_row.cumsum(0) - in_row).take(row)
     coupled_row = row.take(coupled)
@@ -136,11 +150,10 @@ def _packed_layout(x: torch.Tensor, in_play: torch.Tensor, in_row: torch.Tensor,
     at_of_entry = torch.zeros_like(entries).index_put_((coupled,), at)
     none = bin_width - 1
     nb = tuple(torch.full((bins * bin_width,), none, dtype=torch.int64, device=x.device)
-               .index_put_((at,), torch.where(in_play_neighbour.take(coupled),
-                                              at_of_entry.take(found.take(coupled)) % bin_width, none))
+               .index_put_((at,), torch.where(found >= 0, at_of_entry.take(found.clamp(min=0)) % bin_width, none))
                .view(bins, bin_width)
-               for found, in_play_neighbour in zip(neighbour_entry, in_play_neighbours))
-    return _Packing(row, cell, slot, out_of_play, int(in_row.max()), (first, partner.take(first)),
+               for found in neighbour[:, coupled])
+    return _Packing(row, key, slot, out_of_play, int(in_row.max()), (first, neighbour[:, first].amax(0)),
                     coupled, at, bins, bin_width, nb)
 
 
@@ -159,15 +172,15 @@ def tvmax_rows(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool) -
     in_play, in_row = cells_in_play(x, lam, compiled)
     if int(in_row.max()) >= PACK_SHARE * n:
         return tvmax_on_grid(x, lam, width, compiled)
-    pack = _packed_layout(x, in_play, in_row, width)
+    pack = _packed_layout(x, in_play, in_row, width, compiled)
     entry_lam = lam[:, 0].take(pack.row)
-    scores = x[pack.row, pack.cell] - entry_lam * pack.out_of_play
+    scores = x.take(pack.key) - entry_lam * pack.out_of_play
     first, second = pack.pairs
     solved, values = [first, second], list(_pair_prox(scores[first], scores[second], entry_lam[first]))
     if pack.coupled.numel():
         cells = pack.bins * pack.width
-        prox_input = torch.zeros(cells, dtype=x.dtype, device=x.device).index_put((pack.at,), scores[pack.coupled])
-        cell_lam = torch.zeros(cells, dtype=x.dtype, device=x.device).index_put((pack.at,), entry_lam[pack.coupled])
+        prox_input = torch.zeros(cells, dtype=x.dtype, device=x.device).index_put_((pack.at,), scores[pack.coupled])
+        cell_lam = torch.zeros(cells, dtype=x.dtype, device=x.device).index_put_((pack.at,), entry_lam[pack.coupled])
         none = pack.width - 1
         prox = TVProxFunction.apply(prox_input.view(pack.bins, pack.width), cell_lam.view(pack.bins, pack.width),
                                     pack.nb[0] != none, pack.nb[1] != none, pack.nb, compiled)
@@ -175,6 +188,6 @@ def tvmax_rows(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool) -
         values.append(prox.reshape(-1)[pack.at])
     scores = scores.index_put((torch.cat(solved),), torch.cat(values))
     where = (pack.row, pack.slot)
-    packed = torch.full((rows, pack.slots), _NEG_INF, dtype=x.dtype, device=x.device).index_put(where, scores)
+    packed = torch.full((rows, pack.slots), _NEG_INF, dtype=x.dtype, device=x.device).index_put_(where, scores)
     p = SPARSEMAX.rows(packed, compiled=compiled)
-    return torch.zeros(rows, n, dtype=p.dtype, device=p.device).index_put((pack.row, pack.cell), p[where])
+    return torch.zeros(rows * n, dtype=p.dtype, device=p.device).index_put_((pack.key,), p[where]).view(rows, n)

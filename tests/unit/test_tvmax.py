@@ -7,7 +7,10 @@ import math
 import logging
 
 import entmax
+import numpy as np
 import pytest
+import scipy.sparse
+import scipy.sparse.csgraph
 import torch
 
 from sparse_detr.config import ConfigError, validate
@@ -119,10 +122,22 @@ def _canonical(labels: torch.Tensor) -> torch.Tensor:
     return first[flat].view_as(labels)
 
 
+def _packed_components_by_scipy(connect_h: torch.Tensor, connect_v: torch.Tensor, nb) -> torch.Tensor:
+    """Reference labels for the packed layout: scipy's connected components of all rows' cells as
+    one graph."""
+    rows, n = connect_h.shape
+    cell = torch.arange(rows * n).view(rows, n)
+    ends = [(cell[connect], (neighbour + cell[:, :1])[connect]) for connect, neighbour in ((connect_h, nb[0]), (connect_v, nb[1]))]
+    tails, heads = (torch.cat(part).numpy() for part in zip(*ends))
+    graph = scipy.sparse.coo_matrix((np.ones(len(tails), dtype=bool), (tails, heads)), shape=(rows * n, rows * n))
+    return torch.from_numpy(scipy.sparse.csgraph.connected_components(graph, directed=False)[1]).long().view(rows, n)
+
+
 @pytest.mark.parametrize("share", [0.2, 0.6, 0.9])
-def test_components_on_the_cpu_equal_label_propagation(share):
-    """scipy's labelling (the CPU path) and the tensor propagation (the GPU path): the same groups,
-    none of them across rows, in the grid layout and in the packed one."""
+def test_components_equal_scipy_labelling(share):
+    """Grid layout: scipy's image labelling (the CPU path) and the tensor propagation (the GPU
+    path) give the same groups. Packed layout (propagation on every device): the groups of scipy's
+    graph components. No group spans two rows."""
     torch.manual_seed(9)
     valid = torch.ones(5, 6, 9, dtype=torch.bool)
     grid_h, grid_v = (connect & (torch.rand(5, 54) < share) for connect in tv_prox.grid_edges(valid))
@@ -130,13 +145,15 @@ def test_components_on_the_cpu_equal_label_propagation(share):
     nb = tvmax_cells._packed_layout(torch.zeros(5, 54), in_play, in_play.sum(1), 9).nb
     none = nb[0].shape[1] - 1
     packed_h, packed_v = ((slot != none) & (torch.rand(slot.shape) < share) for slot in nb[:2])
-    for connect_h, connect_v, layout in [(grid_h, grid_v, 9), (packed_h, packed_v, nb)]:
-        by_scipy = tv_prox.components(connect_h, connect_v, layout, compiled=False)
-        by_propagation = tv_prox._components_by_propagation(connect_h, connect_v, layout, compiled=False)
-        assert torch.equal(_canonical(by_scipy), _canonical(by_propagation))
-        rows, n = connect_h.shape
+    cases = [(tv_prox.components(grid_h, grid_v, 9, compiled=False),
+              tv_prox._components_by_propagation(grid_h, grid_v, 9, compiled=False)),
+             (_packed_components_by_scipy(packed_h, packed_v, nb),
+              tv_prox.components(packed_h, packed_v, nb, compiled=False))]
+    for by_scipy, ours in cases:
+        assert torch.equal(_canonical(by_scipy), _canonical(ours))
+        rows, n = by_scipy.shape
         rows_of_label = torch.arange(rows).repeat_interleave(n)
-        assert torch.equal(rows_of_label[_canonical(by_scipy).reshape(-1)], rows_of_label)
+        assert torch.equal(rows_of_label[_canonical(ours).reshape(-1)], rows_of_label)
 
 
 @pytest.mark.parametrize("lam", [0.01, 0.1, 0.5])
