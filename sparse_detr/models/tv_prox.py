@@ -175,18 +175,20 @@ def _dual_solve(z, lam, lh, lv, tolerance, nb, compiled: bool):
             state, nb = tuple(part[keep] for part in state), _rows_of(nb, keep)
 
 
-def _propagate(labels: torch.Tensor, connect_h: torch.Tensor, connect_v: torch.Tensor, nb) -> torch.Tensor:
+def _propagate(labels: torch.Tensor, connect_h: torch.Tensor, connect_v: torch.Tensor, nb):
     """A few rounds of: each cell takes the smallest label among itself and its connected
-    neighbours, then the label of that label (pointer jumping). labels [rows, n]."""
+    neighbours, then the label of that label (pointer jumping). labels [rows, n] -> (labels,
+    settled: the last round changed nothing, so no later round would: they are final)."""
     big = _NO_LABEL  # a constant, not n: a size-dependent fill would make the kernel recompile
     for _ in range(4):
+        previous = labels
         right = torch.where(connect_h, _right(labels, nb), big)
         left = torch.where(_left(connect_h, nb), _left(labels, nb), big)
         down = torch.where(connect_v, _below(labels, nb), big)
         up = torch.where(_above(connect_v, nb), _above(labels, nb), big)
         labels = torch.minimum(torch.minimum(torch.minimum(labels, right), torch.minimum(left, down)), up)
         labels = labels.gather(1, labels)
-    return labels
+    return labels, (labels == previous).all()
 
 
 def _components_by_propagation(connect_h: torch.Tensor, connect_v: torch.Tensor, nb, compiled: bool) -> torch.Tensor:
@@ -194,10 +196,9 @@ def _components_by_propagation(connect_h: torch.Tensor, connect_v: torch.Tensor,
     rows, n = connect_h.shape
     labels = torch.arange(n, device=connect_h.device).repeat(rows, 1)
     while True:
-        new = run_kernel(_propagate, labels, connect_h, connect_v, nb, compiled=compiled)
-        if torch.equal(new, labels):
-            return new + torch.arange(rows, device=labels.device).view(rows, 1) * n
-        labels = new
+        labels, settled = run_kernel(_propagate, labels, connect_h, connect_v, nb, compiled=compiled)
+        if bool(settled):
+            return labels + torch.arange(rows, device=labels.device).view(rows, 1) * n
 
 
 def _components_of_grid_by_scipy(connect_h: torch.Tensor, connect_v: torch.Tensor, width: int) -> torch.Tensor:

@@ -142,7 +142,7 @@ def test_components_equal_scipy_labelling(share):
     valid = torch.ones(5, 6, 9, dtype=torch.bool)
     grid_h, grid_v = (connect & (torch.rand(5, 54) < share) for connect in tv_prox.grid_edges(valid))
     in_play = torch.rand(5, 54) < 0.7
-    nb = tvmax_cells._packed_layout(torch.zeros(5, 54), in_play, in_play.sum(1), 9).nb
+    nb = tvmax_cells._packed_layout(torch.zeros(5, 54), *in_play.nonzero(as_tuple=True), in_play.sum(1), 9).nb
     none = nb[0].shape[1] - 1
     packed_h, packed_v = ((slot != none) & (torch.rand(slot.shape) < share) for slot in nb[:2])
     cases = [(tv_prox.components(grid_h, grid_v, 9, compiled=False),
@@ -174,7 +174,8 @@ def test_cells_out_of_play_are_zero_and_packing_them_changes_nothing(monkeypatch
                             torch.autograd.grad(p_whole, (x, whole.log_lambda), g)):
         torch.testing.assert_close(mine, theirs, atol=1e-8, rtol=1e-8)
     masked = x.detach().masked_fill(mask[:, None, None, :], float("-inf")).reshape(-1, 48)
-    in_play, in_row = tvmax_cells.cells_in_play(masked, torch.full((masked.shape[0], 1), lam, dtype=masked.dtype), compiled=False)
+    row, cell, in_row = tvmax_cells.cells_in_play(masked, torch.full((masked.shape[0], 1), lam, dtype=masked.dtype), compiled=False)
+    in_play = torch.zeros_like(masked, dtype=torch.bool).index_put_((row, cell), torch.tensor(True))
     assert torch.equal(in_row.long(), in_play.sum(1))
     support = p_whole.detach().reshape(-1, 48) > 0
     exact_tau = masked.amax(1, keepdim=True) - entmax.sparsemax(masked, dim=1).amax(1, keepdim=True)
@@ -182,6 +183,19 @@ def test_cells_out_of_play_are_zero_and_packing_them_changes_nothing(monkeypatch
     assert not (support & ~in_play).any()
     if scale >= 1.0 and lam <= 0.1:  # scores spread wider than the band: most cells are left out
         assert in_play.sum() < 0.5 * (masked > float("-inf")).sum()
+
+
+@pytest.mark.parametrize("n", [1, 8, 13, 850])
+def test_cells_above_a_threshold_are_nonzeros_of_the_comparison(n):
+    """Read 8 cells at a time, sorted by (row, cell) like `nonzero`, with no cell left over when n
+    is not a multiple of 8; -inf (padding) never counts."""
+    torch.manual_seed(n)
+    x = torch.randn(7, n).masked_fill(torch.rand(7, n) < 0.2, float("-inf"))
+    threshold = torch.randn(7, 1) + 1
+    threshold[3] = float("-inf")  # every valid cell of row 3
+    found = tvmax_cells._above(x, threshold)
+    expected = (x > threshold).nonzero(as_tuple=True)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(found, expected))
 
 
 def test_the_closed_form_for_a_pair_equals_the_iterative_prox():
