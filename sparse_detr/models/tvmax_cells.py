@@ -59,25 +59,12 @@ def _screening_threshold(x: torch.Tensor, lam: torch.Tensor):
     return threshold, (x > threshold).to(torch.int32).sum(1)
 
 
-def _above(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, cell) of the entries of x [rows, n] above threshold [rows, 1], sorted: `nonzero` of
-    the comparison, taken first over 8 cells at a time (one int64 per 8 bools), then only within
-    the words that hold one; a third of the work when few cells are above."""
-    rows, n = x.shape
-    above = torch.zeros(rows, -(-n // 8) * 8, dtype=torch.bool, device=x.device)
-    torch.gt(x, threshold, out=above[:, :n])
-    words = above.view(torch.int64)
-    row, word = (words != 0).nonzero(as_tuple=True)
-    entry, byte = (words[row, word].view(torch.uint8).view(-1, 8) != 0).nonzero(as_tuple=True)
-    return row.take(entry), word.take(entry) * 8 + byte
-
-
 def cells_in_play(x: torch.Tensor, lam: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row, cell, in_row): the cells of x [rows, n] (padded keys -inf) that can be nonzero in
     TVmax(x), a superset of the support (see the module docstring), sorted, and their number per
     row [rows]."""
     threshold, in_row = run_kernel(_screening_threshold, x.detach(), lam.detach(), compiled=compiled)
-    return *_above(x.detach(), threshold), in_row
+    return *(x.detach() > threshold).nonzero(as_tuple=True), in_row
 
 
 class _Packing(NamedTuple):

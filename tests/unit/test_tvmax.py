@@ -185,19 +185,6 @@ def test_cells_out_of_play_are_zero_and_packing_them_changes_nothing(monkeypatch
         assert in_play.sum() < 0.5 * (masked > float("-inf")).sum()
 
 
-@pytest.mark.parametrize("n", [1, 8, 13, 850])
-def test_cells_above_a_threshold_are_nonzeros_of_the_comparison(n):
-    """Read 8 cells at a time, sorted by (row, cell) like `nonzero`, with no cell left over when n
-    is not a multiple of 8; -inf (padding) never counts."""
-    torch.manual_seed(n)
-    x = torch.randn(7, n).masked_fill(torch.rand(7, n) < 0.2, float("-inf"))
-    threshold = torch.randn(7, 1) + 1
-    threshold[3] = float("-inf")  # every valid cell of row 3
-    found = tvmax_cells._above(x, threshold)
-    expected = (x > threshold).nonzero(as_tuple=True)
-    assert all(torch.equal(mine, theirs) for mine, theirs in zip(found, expected))
-
-
 def test_the_closed_form_for_a_pair_equals_the_iterative_prox():
     """Two cells joined by one edge: merged (|a - b| <= 2 lambda) and apart, both orders, with the
     gradients the prox's groups give (averaged when merged; lambda moves each apart cell)."""
