@@ -97,7 +97,9 @@ def _entry_neighbours(key: torch.Tensor, entry_of_cell: torch.Tensor, x: torch.T
     """For the entries at flat places key [entries] (sorted) of x [rows * n]: (their (right, down,
     left, up) neighbours' entries [4, entries], -1 where not in play; their valid neighbours out of
     play [entries]; their kind [entries]: alone, first or second of a pair (two entries that are each
-    other's only neighbour in play), or coupled to more). entry_of_cell [rows * n]: -1 out of play."""
+    other's only neighbour in play), or coupled to more). entry_of_cell [rows * n] holds each
+    entry's number at its place and anything elsewhere: a number counts where its entry's place
+    is the cell asked for (so the table needs no filling)."""
     last = key.shape[0] - 1
     entries = torch.arange(key.shape[0], device=key.device)
     cell = key % n
@@ -110,7 +112,8 @@ def _entry_neighbours(key: torch.Tensor, entry_of_cell: torch.Tensor, x: torch.T
             found = (entries + offset).clamp(0, last)
             neighbours.append(torch.where(exists & (key[found] == target), found, -1))
         else:
-            neighbours.append(torch.where(exists, entry_of_cell[target].long(), -1))
+            found = entry_of_cell[target].long().clamp(0, last)
+            neighbours.append(torch.where(exists & (key[found] == target), found, -1))
         valid = valid + (exists & (x[target] > _NEG_INF)).long()
     neighbour = torch.stack(neighbours)
     degree = (neighbour >= 0).long().sum(0)
@@ -128,7 +131,7 @@ def _packed_layout(x: torch.Tensor, row: torch.Tensor, cell: torch.Tensor, in_ro
     rows, n = x.shape
     key = row * n + cell
     entries = torch.arange(key.numel(), device=x.device)
-    entry_of_cell = torch.full((rows * n,), -1, dtype=torch.int32, device=x.device)
+    entry_of_cell = torch.empty(rows * n, dtype=torch.int32, device=x.device)
     entry_of_cell[key] = entries.to(torch.int32)
     neighbour, out_of_play, kind = run_kernel(_entry_neighbours, key, entry_of_cell, x.detach().reshape(-1), n, width,
                                               compiled=compiled)

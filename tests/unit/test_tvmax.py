@@ -185,6 +185,24 @@ def test_cells_out_of_play_are_zero_and_packing_them_changes_nothing(monkeypatch
         assert in_play.sum() < 0.5 * (masked > float("-inf")).sum()
 
 
+def test_neighbours_found_through_an_unfilled_table():
+    """The entry table is left unfilled outside the cells in play: any numbers there, even real
+    entry numbers, find the same neighbours (and kinds) as a table of -1."""
+    torch.manual_seed(4)
+    rows, height, width = 6, 5, 7
+    x = torch.randn(rows, height * width).masked_fill(torch.rand(rows, height * width) < 0.1, float("-inf"))
+    row, cell = (torch.rand(rows, height * width) < 0.4).nonzero(as_tuple=True)
+    key = row * height * width + cell
+    entries = torch.arange(key.numel(), dtype=torch.int32)
+    clean = torch.full((rows * height * width,), -1, dtype=torch.int32).index_put_((key,), entries)
+    garbage = torch.randint(0, key.numel(), (rows * height * width,), dtype=torch.int32).index_put_((key,), entries)
+    found = [tvmax_cells._entry_neighbours(key, table, x.reshape(-1), height * width, width) for table in (clean, garbage)]
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(*found))
+    neighbour = found[0][0]
+    assert (neighbour >= 0).any() and (neighbour == -1).any()
+    assert torch.equal(key[neighbour[1][neighbour[1] >= 0]], key[neighbour[1] >= 0] + width)  # down is one row below
+
+
 def test_the_closed_form_for_a_pair_equals_the_iterative_prox():
     """Two cells joined by one edge: merged (|a - b| <= 2 lambda) and apart, both orders, with the
     gradients the prox's groups give (averaged when merged; lambda moves each apart cell)."""
