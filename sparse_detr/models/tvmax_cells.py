@@ -3,13 +3,13 @@
 TVmax(z) = sparsemax(prox_TV(z)) on each row's grid (`tv_prox`). At the optimum
 p = sparsemax(z - D^T u) for a dual u with |u_e| <= lambda, so each cell's score moves by at most
 lambda x its number of neighbours (<= 4). Sparsemax's threshold grows with its input, so it is at
-least tau(z) - 4 lambda, and a cell with z_i <= tau(z) - 8 lambda gets 0 (`cells_in_play`).
+least tau(z) - 4 lambda, and a cell with z_i <= tau(z) - 8 lambda gets 0 (`_screening_threshold`).
 With those cells fixed at 0, each edge from a cell in play to a valid cell out of play adds
 lambda p_i to the objective: the same problem on the cells in play alone, their own edges, and
 scores z_i - lambda (edges out of play). Attention rows put weight on few cells: the cells in play
-are packed per row for the sparsemax, and the prox runs only on those with a neighbour in play,
-laid out back to back (`_packed_layout`), so its passes touch a few cells per row instead of
-H * W. The answer, and its gradient, are those of the whole grid.
+are packed per row for the sparsemax, and the prox runs only on those with a neighbour in play:
+pairs in closed form, larger groups laid out back to back (`_packed_layout`), so its passes touch
+a few cells per row instead of H * W. The answer, and its gradient, are those of the whole grid.
 """
 from __future__ import annotations
 
@@ -57,14 +57,6 @@ def _screening_threshold(x: torch.Tensor, lam: torch.Tensor):
     # (counted here as int32: a bool tensor written by the compiled kernel is slow, and summing
     # one outside it converts it to int64 first)
     return threshold, (x > threshold).to(torch.int32).sum(1)
-
-
-def cells_in_play(x: torch.Tensor, lam: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, cell, in_row): the cells of x [rows, n] (padded keys -inf) that can be nonzero in
-    TVmax(x), a superset of the support (see the module docstring), sorted, and their number per
-    row [rows]."""
-    threshold, in_row = run_kernel(_screening_threshold, x.detach(), lam.detach(), compiled=compiled)
-    return *(x.detach() > threshold).nonzero(as_tuple=True), in_row
 
 
 class _Packing(NamedTuple):
@@ -171,9 +163,10 @@ def tvmax_rows(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool) -
     """TVmax of x [rows, H * W] (padded keys -inf), lam [rows, 1]: on the packed cells in play
     when few are (see the module docstring), else on the whole grid."""
     rows, n = x.shape
-    row, cell, in_row = cells_in_play(x, lam, compiled)
+    threshold, in_row = run_kernel(_screening_threshold, x.detach(), lam.detach(), compiled=compiled)
     if int(in_row.max()) >= PACK_SHARE * n:
         return tvmax_on_grid(x, lam, width, compiled)
+    row, cell = (x.detach() > threshold).nonzero(as_tuple=True)  # the cells in play, sorted
     pack = _packed_layout(x, row, cell, in_row, width, compiled)
     entry_lam = lam[:, 0].take(pack.row)
     scores = x.take(pack.key) - entry_lam * pack.out_of_play

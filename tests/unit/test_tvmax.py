@@ -174,8 +174,8 @@ def test_cells_out_of_play_are_zero_and_packing_them_changes_nothing(monkeypatch
                             torch.autograd.grad(p_whole, (x, whole.log_lambda), g)):
         torch.testing.assert_close(mine, theirs, atol=1e-8, rtol=1e-8)
     masked = x.detach().masked_fill(mask[:, None, None, :], float("-inf")).reshape(-1, 48)
-    row, cell, in_row = tvmax_cells.cells_in_play(masked, torch.full((masked.shape[0], 1), lam, dtype=masked.dtype), compiled=False)
-    in_play = torch.zeros_like(masked, dtype=torch.bool).index_put_((row, cell), torch.tensor(True))
+    threshold, in_row = tvmax_cells._screening_threshold(masked, torch.full((masked.shape[0], 1), lam, dtype=masked.dtype))
+    in_play = masked > threshold
     assert torch.equal(in_row.long(), in_play.sum(1))
     support = p_whole.detach().reshape(-1, 48) > 0
     exact_tau = masked.amax(1, keepdim=True) - entmax.sparsemax(masked, dim=1).amax(1, keepdim=True)
