@@ -61,11 +61,11 @@ def _screening_threshold(x: torch.Tensor, lam: torch.Tensor):
 
 class _Packing(NamedTuple):
     """Where the cells in play sit. Each cell in play is an entry: its row, its place in the flat
-    scores [rows * n] and its slot in the row's packed scores [rows, K] (for the sparsemax). The prox only needs the cells
-    with a neighbour in play. Most of those come in pairs joined by one edge and nothing else
-    (`pairs`: a closed form, `_pair_prox`); the others ("coupled") are solved by the iterative prox.
-    Rows share nothing, so those are laid out back to back in bins of about `_BIN_CELLS`, a row
-    never split: entry `coupled[k]` at `at[k]` of the flat [bins * width] layout."""
+    scores [rows * n] and its slot in the row's packed scores [rows, K] (for the sparsemax). The
+    prox only needs the cells with a neighbour in play. Most of those come in pairs joined by one
+    edge and nothing else (`pairs`: a closed form, `_pair_prox`); the others ("coupled") go to the
+    iterative prox. Rows share nothing, so those are laid out back to back in bins of about
+    `_BIN_CELLS`, a row never split: entry `coupled[k]` at `at[k]` of the flat [bins * width] layout."""
     row: torch.Tensor            # [entries]
     key: torch.Tensor            # [entries]: row * n + cell
     slot: torch.Tensor           # [entries]
