@@ -187,11 +187,12 @@ def test_cells_out_of_play_are_zero_and_packing_them_changes_nothing(monkeypatch
 
 def test_neighbours_found_through_an_unfilled_table():
     """The entry table is left unfilled outside the cells in play: any numbers there, even real
-    entry numbers, find the same neighbours (and kinds) as a table of -1."""
+    entry numbers, find the same neighbours (and kinds) as a table of -1. Each entry's count of
+    valid neighbours out of play is the direct count."""
     torch.manual_seed(4)
     rows, height, width = 6, 5, 7
     x = torch.randn(rows, height * width).masked_fill(torch.rand(rows, height * width) < 0.1, float("-inf"))
-    row, cell = (torch.rand(rows, height * width) < 0.4).nonzero(as_tuple=True)
+    row, cell = ((torch.rand(rows, height * width) < 0.4) & (x > float("-inf"))).nonzero(as_tuple=True)  # in play: valid
     key = row * height * width + cell
     entries = torch.arange(key.numel(), dtype=torch.int32)
     clean = torch.full((rows * height * width,), -1, dtype=torch.int32).index_put_((key,), entries)
@@ -201,6 +202,13 @@ def test_neighbours_found_through_an_unfilled_table():
     neighbour = found[0][0]
     assert (neighbour >= 0).any() and (neighbour == -1).any()
     assert torch.equal(key[neighbour[1][neighbour[1] >= 0]], key[neighbour[1] >= 0] + width)  # down is one row below
+    in_play, out_of_play = set(key.tolist()), found[0][1]
+    for entry, (r, c) in enumerate(zip(row.tolist(), cell.tolist())):
+        y, x_ = divmod(c, width)
+        around = [(y + dy, x_ + dx) for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))]
+        expected = sum(1 for yy, xx in around if 0 <= yy < height and 0 <= xx < width
+                       and x[r, yy * width + xx] > float("-inf") and r * height * width + yy * width + xx not in in_play)
+        assert int(out_of_play[entry]) == expected
 
 
 def test_the_closed_form_for_a_pair_equals_the_iterative_prox():
