@@ -85,19 +85,24 @@ _BIN_CELLS = 64
 _ALONE, _PAIR_FIRST, _PAIR_SECOND, _COUPLED = range(4)
 
 
-def _entry_neighbours(key: torch.Tensor, entry_of_cell: torch.Tensor, x: torch.Tensor, n: int, width: int):
-    """For the entries at flat places key [entries] (sorted) of x [rows * n]: (their (right, down,
-    left, up) neighbours' entries [4, entries], -1 where not in play; their valid neighbours out of
-    play [entries]; their kind [entries]: alone, first or second of a pair (two entries that are each
-    other's only neighbour in play), or coupled to more). entry_of_cell [rows * n] holds each
-    entry's number at its place and anything elsewhere: a number counts where its entry's place
-    is the cell asked for (so the table needs no filling)."""
+def _entry_neighbours(key: torch.Tensor, entry_of_cell: torch.Tensor, valid: torch.Tensor, image_start: torch.Tensor,
+                      n: int, width: int):
+    """For the entries at flat places key [entries] (sorted) of rows of n cells: (their (right,
+    down, left, up) neighbours' entries [4, entries], -1 where not in play; their valid neighbours
+    out of play [entries]; their kind [entries]: alone, first or second of a pair (two entries that
+    are each other's only neighbour in play), or coupled to more).
+
+    entry_of_cell [rows * n] holds each entry's number at its place and anything elsewhere: a
+    number counts where its entry's place is the cell asked for (so the table needs no filling).
+    valid [images * n]: the cells of each image's grid that are not padding; an entry's image
+    starts at image_start [entries] there (a small table, where reading the scores' own -inf
+    would pull all of them through the cache)."""
     last = key.shape[0] - 1
     entries = torch.arange(key.shape[0], device=key.device)
     cell = key % n
     column = cell % width
     moves = ((1, column < width - 1), (width, cell < n - width), (-1, column > 0), (-width, cell >= width))
-    neighbours, valid = [], 0
+    neighbours, valid_neighbours = [], 0
     for offset, exists in moves:
         target = torch.where(exists, key + offset, key)  # the cell itself where the grid has no neighbour
         if abs(offset) == 1:  # a horizontal neighbour in play is the next or previous entry
@@ -106,26 +111,29 @@ def _entry_neighbours(key: torch.Tensor, entry_of_cell: torch.Tensor, x: torch.T
         else:
             found = entry_of_cell[target].long().clamp(0, last)
             neighbours.append(torch.where(exists & (key[found] == target), found, -1))
-        valid = valid + (exists & (x[target] > _NEG_INF)).long()
+        valid_neighbours = valid_neighbours + (exists & valid[image_start + cell + target - key]).long()
     neighbour = torch.stack(neighbours)
     degree = (neighbour >= 0).long().sum(0)
     partner = neighbour.amax(0)
     in_pair = (degree == 1) & (degree[partner.clamp(min=0)] == 1)
     kind = torch.where(in_pair, torch.where(partner > entries, _PAIR_FIRST, _PAIR_SECOND),
                        torch.where(degree > 0, _COUPLED, _ALONE))
-    return neighbour, valid - degree, kind
+    return neighbour, valid_neighbours - degree, kind
 
 
 def _packed_layout(x: torch.Tensor, row: torch.Tensor, cell: torch.Tensor, in_row: torch.Tensor, width: int,
-                   compiled: bool = False) -> _Packing:
-    """The packed layout of the cells in play (row, cell) of x [rows, n] (padded keys -inf), sorted,
-    in_row [rows] of them in each row. An entry's slot is its rank in its row."""
+                   images: int, compiled: bool = False) -> _Packing:
+    """The packed layout of the cells in play (row, cell) of x [rows, n] (padded keys -inf; the
+    rows of `images` images one after another, sharing their image's padding), sorted, in_row
+    [rows] of them in each row. An entry's slot is its rank in its row."""
     rows, n = x.shape
     key = row * n + cell
     entries = torch.arange(key.numel(), device=x.device)
     entry_of_cell = torch.empty(rows * n, dtype=torch.int32, device=x.device)
     entry_of_cell[key] = entries.to(torch.int32)
-    neighbour, out_of_play, kind = run_kernel(_entry_neighbours, key, entry_of_cell, x.detach().reshape(-1), n, width,
+    valid = (x.detach().view(images, -1, n)[:, 0] > _NEG_INF).reshape(-1)
+    image_start = row.div(rows // images, rounding_mode="floor") * n
+    neighbour, out_of_play, kind = run_kernel(_entry_neighbours, key, entry_of_cell, valid, image_start, n, width,
                                               compiled=compiled)
     first = (kind == _PAIR_FIRST).nonzero().squeeze(1)
     coupled = (kind == _COUPLED).nonzero().squeeze(1)
@@ -159,15 +167,16 @@ def _pair_prox(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> tuple[tor
     return torch.where(merged, mean, a - step), torch.where(merged, mean, b + step)
 
 
-def tvmax_rows(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool) -> torch.Tensor:
+def tvmax_rows(x: torch.Tensor, lam: torch.Tensor, width: int, compiled: bool, images: int) -> torch.Tensor:
     """TVmax of x [rows, H * W] (padded keys -inf), lam [rows, 1]: on the packed cells in play
-    when few are (see the module docstring), else on the whole grid."""
+    when few are (see the module docstring), else on the whole grid. The rows are those of
+    `images` images one after another, and the rows of an image share its key padding."""
     rows, n = x.shape
     threshold, in_row = run_kernel(_screening_threshold, x.detach(), lam.detach(), compiled=compiled)
     if int(in_row.max()) >= PACK_SHARE * n:
         return tvmax_on_grid(x, lam, width, compiled)
     row, cell = (x.detach() > threshold).nonzero(as_tuple=True)  # the cells in play, sorted
-    pack = _packed_layout(x, row, cell, in_row, width, compiled)
+    pack = _packed_layout(x, row, cell, in_row, width, images, compiled)
     entry_lam = lam[:, 0].take(pack.row)
     scores = x.take(pack.key) - entry_lam * pack.out_of_play
     first, second = pack.pairs

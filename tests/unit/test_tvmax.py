@@ -142,7 +142,7 @@ def test_components_equal_scipy_labelling(share):
     valid = torch.ones(5, 6, 9, dtype=torch.bool)
     grid_h, grid_v = (connect & (torch.rand(5, 54) < share) for connect in tv_prox.grid_edges(valid))
     in_play = torch.rand(5, 54) < 0.7
-    nb = tvmax_cells._packed_layout(torch.zeros(5, 54), *in_play.nonzero(as_tuple=True), in_play.sum(1), 9).nb
+    nb = tvmax_cells._packed_layout(torch.zeros(5, 54), *in_play.nonzero(as_tuple=True), in_play.sum(1), 9, images=5).nb
     none = nb[0].shape[1] - 1
     packed_h, packed_v = ((slot != none) & (torch.rand(slot.shape) < share) for slot in nb[:2])
     cases = [(tv_prox.components(grid_h, grid_v, 9, compiled=False),
@@ -188,26 +188,27 @@ def test_cells_out_of_play_are_zero_and_packing_them_changes_nothing(monkeypatch
 def test_neighbours_found_through_an_unfilled_table():
     """The entry table is left unfilled outside the cells in play: any numbers there, even real
     entry numbers, find the same neighbours (and kinds) as a table of -1. Each entry's count of
-    valid neighbours out of play is the direct count."""
+    valid neighbours out of play is the direct count (two rows to an image, sharing its padding)."""
     torch.manual_seed(4)
-    rows, height, width = 6, 5, 7
-    x = torch.randn(rows, height * width).masked_fill(torch.rand(rows, height * width) < 0.1, float("-inf"))
-    row, cell = ((torch.rand(rows, height * width) < 0.4) & (x > float("-inf"))).nonzero(as_tuple=True)  # in play: valid
-    key = row * height * width + cell
+    images, height, width = 3, 5, 7
+    n, rows = height * width, 2 * images
+    valid = torch.rand(images, n) > 0.15
+    row, cell = ((torch.rand(rows, n) < 0.4) & valid.repeat_interleave(2, 0)).nonzero(as_tuple=True)  # in play: valid
+    key = row * n + cell
     entries = torch.arange(key.numel(), dtype=torch.int32)
-    clean = torch.full((rows * height * width,), -1, dtype=torch.int32).index_put_((key,), entries)
-    garbage = torch.randint(0, key.numel(), (rows * height * width,), dtype=torch.int32).index_put_((key,), entries)
-    found = [tvmax_cells._entry_neighbours(key, table, x.reshape(-1), height * width, width) for table in (clean, garbage)]
+    clean = torch.full((rows * n,), -1, dtype=torch.int32).index_put_((key,), entries)
+    garbage = torch.randint(0, key.numel(), (rows * n,), dtype=torch.int32).index_put_((key,), entries)
+    found = [tvmax_cells._entry_neighbours(key, table, valid.reshape(-1), row // 2 * n, n, width) for table in (clean, garbage)]
     assert all(torch.equal(mine, theirs) for mine, theirs in zip(*found))
-    neighbour = found[0][0]
+    neighbour, out_of_play, _ = found[0]
     assert (neighbour >= 0).any() and (neighbour == -1).any()
     assert torch.equal(key[neighbour[1][neighbour[1] >= 0]], key[neighbour[1] >= 0] + width)  # down is one row below
-    in_play, out_of_play = set(key.tolist()), found[0][1]
+    in_play = set(key.tolist())
     for entry, (r, c) in enumerate(zip(row.tolist(), cell.tolist())):
-        y, x_ = divmod(c, width)
-        around = [(y + dy, x_ + dx) for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))]
+        y, x = divmod(c, width)
+        around = [(y + dy, x + dx) for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))]
         expected = sum(1 for yy, xx in around if 0 <= yy < height and 0 <= xx < width
-                       and x[r, yy * width + xx] > float("-inf") and r * height * width + yy * width + xx not in in_play)
+                       and valid[r // 2, yy * width + xx] and r * n + yy * width + xx not in in_play)
         assert int(out_of_play[entry]) == expected
 
 

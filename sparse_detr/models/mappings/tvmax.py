@@ -67,8 +67,9 @@ class TVMax(AttentionMapping):
             raise ValueError(f"TVMax: key grid {height} x {width} does not match {keys} keys")
         lam = self.tv_lambda.to(x).view(1, -1, 1, 1) if self.learn_lambda else torch.tensor(self.fixed_lambda).to(x)
         lam = lam.expand(batch, heads, queries, 1).reshape(-1, 1)
-        solve = tvmax_on_grid if self.impl == "reference" else tvmax_rows
-        return solve(x.reshape(-1, keys), lam, width, self.impl == "fast").view_as(x)
+        if self.impl == "reference":
+            return tvmax_on_grid(x.reshape(-1, keys), lam, width, compiled=False).view_as(x)
+        return tvmax_rows(x.reshape(-1, keys), lam, width, self.impl == "fast", images=batch).view_as(x)
 
     def extra_repr(self):
         return f"learn_lambda={self.learn_lambda}, impl={self.impl}"
