@@ -107,10 +107,9 @@ def _entry_neighbours(key: torch.Tensor, entry_of_cell: torch.Tensor, valid: tor
         target = torch.where(exists, key + offset, key)  # the cell itself where the grid has no neighbour
         if abs(offset) == 1:  # a horizontal neighbour in play is the next or previous entry
             found = (entries + offset).clamp(0, last)
-            neighbours.append(torch.where(exists & (key[found] == target), found, -1))
         else:
             found = entry_of_cell[target].long().clamp(0, last)
-            neighbours.append(torch.where(exists & (key[found] == target), found, -1))
+        neighbours.append(torch.where(exists & (key[found] == target), found, -1))
         valid_neighbours = valid_neighbours + (exists & valid[image_start + cell + target - key]).long()
     neighbour = torch.stack(neighbours)
     degree = (neighbour >= 0).long().sum(0)
