@@ -282,14 +282,6 @@ def tv_prox(z: torch.Tensor, lam: torch.Tensor, edge_h: torch.Tensor, edge_v: to
     return torch.where(better, polished, x), labels, c
 
 
-def tv_prox_grid(z: torch.Tensor, lam: torch.Tensor, valid: torch.Tensor, compiled: bool = False):
-    """`tv_prox` of z [rows, H, W] on the grid of its valid cells, lam [rows, 1, 1]
-    -> (x [rows, H, W], labels, c [rows, H * W])."""
-    rows, height, width = z.shape
-    x, labels, c = tv_prox(z.reshape(rows, -1), lam.view(rows, 1), *grid_edges(valid), width, compiled)
-    return x.view(rows, height, width), labels, c
-
-
 class TVProxFunction(torch.autograd.Function):
     """`tv_prox` with gradients for z [rows, n] and lam: [rows, 1], or [rows, n] with one lambda per
     cell, equal over each connected part of a row (several independent problems laid out in one)."""

@@ -106,11 +106,11 @@ def test_rows_done_early_leave_the_loop_with_the_answer_they_get_alone():
     """lambdas 0.01 and 3 need a few and hundreds of dual passes: each row equals its own solve."""
     torch.manual_seed(8)
     z = torch.randn(6, 5, 7, dtype=torch.float64) * 2
-    lam = torch.tensor([0.01, 3.0, 0.01, 0.3, 3.0, 0.01], dtype=torch.float64).view(6, 1, 1)
-    valid = torch.ones(6, 5, 7, dtype=torch.bool)
-    together = tv_prox.tv_prox_grid(z, lam, valid)[0]
+    lam = torch.tensor([0.01, 3.0, 0.01, 0.3, 3.0, 0.01], dtype=torch.float64).view(6, 1)
+    edges = tv_prox.grid_edges(torch.ones(6, 5, 7, dtype=torch.bool))
+    together = tv_prox.tv_prox(z.view(6, 35), lam, *edges, 7)[0]
     for row in range(6):
-        alone = tv_prox.tv_prox_grid(z[row:row + 1], lam[row:row + 1], valid[row:row + 1])[0]
+        alone = tv_prox.tv_prox(z[row].view(1, 35), lam[row:row + 1], *(edge[row:row + 1] for edge in edges), 7)[0]
         torch.testing.assert_close(together[row:row + 1], alone, atol=1e-12, rtol=0)
 
 
